@@ -1,0 +1,150 @@
+"""`instructkit <command>`: parse arguments, load the config, call one stage.
+
+A UserError (bad config, bad data, bad path) prints one clear message and exits with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from instructkit.errors import UserError
+
+STAGES = ("sft",)
+
+
+def _config_class(stage: str):
+    from instructkit.config import SFTConfig
+
+    return {"sft": SFTConfig}[stage]
+
+
+def _guess_stage(path: str) -> str:
+    name = Path(path).name
+    for stage in STAGES:
+        if name.startswith(stage):
+            return stage
+    return "sft"
+
+
+def cmd_train(args) -> int:
+    from instructkit.config import load_config
+
+    cfg = load_config(_config_class(args.command), args.config, args.overrides)
+    if args.command == "sft":
+        from instructkit.stages import sft
+
+        result = sft.run(cfg, resume=args.resume)
+        print(f"done: {result.steps} steps, final model in {result.final_dir}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from instructkit.config import load_config, to_dict
+
+    stage = args.stage or _guess_stage(args.config)
+    cfg = load_config(_config_class(stage), args.config, args.overrides)
+    print(f"{args.config}: valid {stage} config")
+    if args.show:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from instructkit.generate import generate_responses
+    from instructkit.models import load_for_inference
+
+    if not args.prompt and not args.prompts:
+        raise UserError("give --prompt TEXT or --prompts FILE.jsonl")
+    model, tokenizer = load_for_inference(args.model, device=args.device)
+    records = []
+    if args.prompts:
+        from instructkit.data import load_records
+
+        records = load_records(args.prompts)
+        for i, r in enumerate(records, 1):
+            if args.field not in r:
+                raise UserError(
+                    f"{args.prompts}, record {i}: no field {args.field!r} "
+                    f"(fields found: {', '.join(r)}); set --field"
+                )
+    prompts = [args.prompt] if args.prompt else [str(r[args.field]) for r in records]
+    responses = generate_responses(
+        model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+    )
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w") as f:
+            for p, r in zip(prompts, responses):
+                f.write(json.dumps({"prompt": p, "response": r}) + "\n")
+        tmp.replace(out)
+        print(f"wrote {len(responses)} responses to {out}")
+    else:
+        for p, r in zip(prompts, responses):
+            print(r if len(prompts) == 1 else json.dumps({"prompt": p, "response": r}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instructkit", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"train: {stage}")
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a config without running it")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--stage", choices=STAGES, help="schema to check against (default: from the file name)")
+    p.add_argument("--show", action="store_true", help="print the resolved config")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("generate", help="sample responses from a model")
+    p.add_argument("model", help="a final/ folder, HF folder, hub id, .gguf file or tiny preset")
+    p.add_argument("--prompt")
+    p.add_argument("--prompts", help="JSONL (or any data file) of prompts")
+    p.add_argument("--field", default="prompt", help="prompt field in --prompts records")
+    p.add_argument("--output", help="JSONL file for the responses")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"instructkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Typed run configuration: dataclasses are the schema.
+
+A run config is one YAML file plus ``dotted.key=value`` overrides from the command line.
+Values are merged in this order (later wins): dataclass defaults, the model-size ``preset``,
+the YAML file, the overrides. Every key is checked against the dataclass fields: an unknown
+key or a value of the wrong type is a :class:`ConfigError` that names the file, the line,
+the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from instructkit.errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "bf16-mixed"]
+AttnImpl = Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local Hugging Face folder, a local .gguf file, or a tiny random preset
+    # ("tiny-llama", see instructkit.models.tiny).
+    name_or_path: str = "tiny-llama"
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    trust_remote_code: bool = False
+    precision: Precision = "fp32"
+    attn_implementation: AttnImpl = "sdpa"
+    # Rule out SDPA kernels that misbehave on some stacks (cuDNN attention, flash).
+    disable_cudnn_sdp: bool = False
+    disable_flash_sdp: bool = False
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    freeze_layers: int = 0  # freeze the embeddings and the first N decoder layers
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    chat_template: str | None = None  # a Jinja template string or a path to one
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["none", "lora", "dora", "qlora"] = "none"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # None: every linear layer of the decoder, detected per architecture.
+    target_modules: list[str] | None = None
+    # QLoRA only
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a file (.json/.jsonl/.jsonl.gz/.parquet/.csv) or a datasets name
+    format: Literal[
+        "auto", "alpaca", "dolly", "self_instruct", "messages", "sharegpt", "oasst", "text"
+    ] = "auto"
+    split: str = "train"  # split of a datasets name
+    fields: dict[str, str] = field(default_factory=dict)  # our name -> the file's name
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    system_prompt: str | None = None
+    max_seq_len: int = 1024
+    train_on_prompt: bool = False
+    validation: str | None = None  # a separate file; else val_fraction of train
+    val_fraction: float = 0.05
+    val_max: int = 500
+    golden: str | None = None  # an extra set, evaluated and reported on its own
+    max_examples: int | None = None
+    packing: bool = True
+    group_by_length: bool = True  # only when packing is off
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None
+    epochs: float | None = None
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    # Optional: the effective batch (micro_batch_size x grad_accum x world size); when
+    # given, grad_accum is derived from it.
+    global_batch_size: int | None = None
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_fraction: float | None = None
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    # LM head + loss on target positions only, in chunks of this many tokens whose logits are
+    # recomputed in backward (saves the [tokens, vocab] logits); 0: plain full-logits forward.
+    loss_chunk_size: int = 4096
+    seed: int = 42
+    max_nonfinite_steps: int = 5  # stop with a diagnosis after this many in a row
+    eval_every: int = 0  # 0: only at the end
+    eval_max_batches: int | None = None
+    early_stopping_patience: int | None = None  # evaluations without improvement
+    save_every: int = 0  # 0: only the final model
+    keep_last: int = 2
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "instructkit"
+    wandb_run_name: str | None = None
+    progress: bool = True
+    generation_freq: int = 0  # sample generations to TensorBoard every N steps
+    generation_prompts: list[str] = field(
+        default_factory=lambda: ["Give three tips for staying healthy."]
+    )
+    generation_max_new_tokens: int = 64
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    preset: str | None = None  # model-size preset, see instructkit.presets
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def check(self, world_size: int = 1) -> None:
+        """Cross-field checks; raises ConfigError."""
+        check_train(self.train, world_size)
+        if not self.data.train:
+            raise ConfigError("data.train is empty: set it to a data file or a datasets name")
+        if self.data.max_seq_len < 8:
+            raise ConfigError(f"data.max_seq_len={self.data.max_seq_len} is too small (>= 8)")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction must be in [0, 1)")
+        if self.model.freeze_layers < 0:
+            raise ConfigError("model.freeze_layers must be >= 0")
+        if self.adapter.kind != "none" and self.adapter.r <= 0:
+            raise ConfigError("adapter.r must be > 0")
+
+
+def check_train(t: TrainConfig, world_size: int = 1) -> None:
+    if (t.max_steps is None) == (t.epochs is None):
+        raise ConfigError(
+            "set exactly one of train.max_steps and train.epochs "
+            f"(got max_steps={t.max_steps}, epochs={t.epochs})"
+        )
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError("train.max_steps must be > 0")
+    if t.epochs is not None and t.epochs <= 0:
+        raise ConfigError("train.epochs must be > 0")
+    if t.micro_batch_size <= 0 or t.grad_accum <= 0:
+        raise ConfigError("train.micro_batch_size and train.grad_accum must be > 0")
+    if t.global_batch_size is not None:
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}"
+            )
+        derived = t.global_batch_size // per_step
+        if t.grad_accum not in (1, derived):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} needs grad_accum={derived} "
+                f"(micro_batch_size {t.micro_batch_size} x world size {world_size}), "
+                f"but grad_accum={t.grad_accum}: drop one of the two"
+            )
+        t.grad_accum = derived
+    if t.warmup_fraction is not None:
+        if t.warmup_steps:
+            raise ConfigError("set train.warmup_steps or train.warmup_fraction, not both")
+        if not 0.0 <= t.warmup_fraction < 1.0:
+            raise ConfigError("train.warmup_fraction must be in [0, 1)")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
+    if len(t.betas) != 2:
+        raise ConfigError("train.betas must be a list of two floats, e.g. [0.9, 0.999]")
+
+
+def effective_batch_size(t: TrainConfig, world_size: int = 1) -> int:
+    return t.micro_batch_size * t.grad_accum * world_size
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    cls: type, path: str | Path | None, overrides: list[str] = (), world_size: int = 1
+):
+    """Build a config of dataclass ``cls`` from a YAML file and ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data, lines = read_yaml_with_lines(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+        lines[key] = 0  # 0: came from the command line
+    preset = data.get("preset")
+    if preset is not None:
+        from instructkit.presets import preset_values
+
+        adapter = data.get("adapter") if isinstance(data.get("adapter"), dict) else {}
+        full = adapter.get("kind", "none") == "none"
+        data = deep_merge(preset_values(str(preset), full_finetune=full), data)
+    cfg = from_dict(cls, data, prefix="", source=source, lines=lines)
+    if hasattr(cfg, "check"):
+        cfg.check(world_size)
+    return cfg
+
+
+def read_yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    walk(node, "")
+    return data, lines
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(
+            f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=100)"
+        )
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    d = data
+    for p in parts[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _where(source: str, lines: dict[str, int], key: str) -> str:
+    line = lines.get(key)
+    if line == 0:
+        return f"command line override {key}"
+    if line:
+        return f"{source}, line {line}, key {key}"
+    return f"{source}, key {key}"
+
+
+def from_dict(cls: type, data: Any, prefix: str, source: str, lines: dict[str, int]):
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{_where(source, lines, prefix.rstrip('.'))}: expected a mapping of keys, "
+            f"got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            section = f"section {prefix.rstrip('.')!r}" if prefix else "the top level"
+            raise ConfigError(
+                f"{_where(source, lines, dotted)}: unknown key {key!r}.{hint} "
+                f"Valid keys in {section}: {', '.join(names)}"
+            )
+        kwargs[key] = convert(hints[key], value, dotted, source, lines)
+    return cls(**kwargs)
+
+
+def convert(tp, value, dotted: str, source: str, lines: dict[str, int]):
+    """Check ``value`` against type ``tp``; return it converted (int -> float, dicts -> dataclasses)."""
+    where = _where(source, lines, dotted)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, dotted + ".", source, lines)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return convert(a, value, dotted, source, lines)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where}: {value!r} fits none of {_type_name(tp)}"
+        )
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: {value!r} is not a valid choice; choose one of "
+                + ", ".join(repr(c) for c in choices)
+            )
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and item_tp is str:
+            value = [str(value)]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [convert(item_tp, v, dotted, source, lines) for v in value]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {
+            convert(k_tp, k, dotted, source, lines): convert(v_tp, v, dotted, source, lines)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "1e-4" (no dot) as a string
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # a schema bug, not a user error
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,152 @@
+"""Checkpoints: trainable weights, optimizer, RNG and loop state, written atomically.
+
+Layout of ``checkpoints/step-000120/``::
+
+    weights.safetensors     trainable parameters only (the adapter under LoRA)
+    optimizer.safetensors   optimizer tensors, keyed "<param index>.<name>"
+    rng.safetensors         RNG states
+    state.json              loop state, optimizer hyper-parameters, RNG meta; written last
+
+A checkpoint is built in ``step-000120.tmp`` and renamed when complete, so a crash or kill
+leaves either the whole new checkpoint or none of it; the previous one stays loadable.
+Nothing here is pickled: safetensors for tensors, JSON for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - not every filesystem allows it
+        pass
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: dict,
+    rng: dict,
+    keep_last: int,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f"step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {n: t.cpu().contiguous() for n, t in trainable_state(model).items()}
+    if extra_tensors:
+        weights.update({f"extra.{k}": v.cpu().contiguous() for k, v in extra_tensors.items()})
+    save_file(weights, tmp / "weights.safetensors")
+    opt_t, opt_meta = optimizer_tensors(optimizer)
+    save_file(opt_t, tmp / "optimizer.safetensors")
+    save_file({k: v.contiguous() for k, v in rng["tensors"].items()}, tmp / "rng.safetensors")
+    state = {"step": step, "loop": loop_state, "optimizer": opt_meta, "rng": rng["meta"]}
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    for p in tmp.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(ckpt_root)
+    prune(ckpt_root, keep_last)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    for p in Path(ckpt_root).glob("step-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    for p in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict:
+    """Load weights and optimizer state in place; return {"step", "loop", "rng", "extra"}."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(path / "weights.safetensors")
+    extra = {k[len("extra."):]: v for k, v in weights.items() if k.startswith("extra.")}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name.startswith("extra."):
+                continue
+            if name not in params:
+                raise KeyError(f"checkpoint {path} holds {name!r}, which the model does not have")
+            params[name].copy_(value.to(params[name].dtype))
+    if optimizer is not None:
+        load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    rng = {"tensors": load_file(path / "rng.safetensors"), "meta": state["rng"]}
+    return {"step": state["step"], "loop": state["loop"], "rng": rng, "extra": extra}

@@ -1,0 +1,78 @@
+"""Language-model forward passes shared by the stages: next-token loss and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from instructkit.engine.runtime import autocast
+from instructkit.losses import IGNORE_INDEX, chunked_cross_entropy_sum, sft_loss_sum
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        out[k] = v.to(device, non_blocking=True) if hasattr(v, "to") else v
+    return out
+
+
+def model_inputs(batch: dict) -> dict:
+    """The arguments a Hugging Face causal LM takes from a collated batch."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
+
+
+def _head(model):
+    """The decoder stack and LM head weight, when the model exposes them (most causal LMs)."""
+    try:
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    if decoder is None or head is None or getattr(head, "bias", None) is not None:
+        return None, None
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None):  # Gemma-2: logits are post-processed
+        return None, None
+    return decoder, head.weight
+
+
+def lm_loss_sum(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss of a collated batch and its target count.
+
+    With ``chunk_size > 0`` the LM head runs only on positions that carry a target (prompt
+    tokens need no logits) and in chunks whose logits are recomputed in backward; otherwise
+    the model's own full-logits forward is used. Both give the same value.
+    """
+    targets = batch["target_ids"]  # [B, L], already shifted
+    if chunk_size > 0:
+        decoder, weight = _head(model)
+        if decoder is not None:
+            hidden = decoder(**model_inputs(batch)).last_hidden_state  # [B, L, H]
+            mask = targets != IGNORE_INDEX
+            n = int(mask.sum())
+            loss = chunked_cross_entropy_sum(hidden[mask], weight, targets[mask], chunk_size)
+            return loss, n
+    logits = model(**model_inputs(batch)).logits  # [B, L, V]
+    return sft_loss_sum(logits, targets)
+
+
+@torch.no_grad()
+def evaluate_lm(model, batches, device, precision: str, chunk_size: int = 0) -> dict:
+    """Token-weighted mean loss and perplexity over collated batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(precision, device):
+            loss, n = lm_loss_sum(model, batch, chunk_size)
+        total += float(loss)
+        count += n
+    if was_training:
+        model.train()
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}

@@ -1,0 +1,93 @@
+import pytest
+
+from instructkit.config import SFTConfig, load_config
+from instructkit.errors import ConfigError
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE = "data:\n  train: x.jsonl\ntrain:\n  max_steps: 10\n"
+
+
+def test_loads_and_overrides(tmp_path):
+    p = write(tmp_path, BASE + "model:\n  name_or_path: tiny-llama\n")
+    cfg = load_config(SFTConfig, p, ["train.lr=1e-3", "adapter.kind=lora", "output_dir=runs/x"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.adapter.kind == "lora"
+    assert cfg.output_dir == "runs/x"
+    assert cfg.train.max_steps == 10
+
+
+def test_unknown_key_names_file_line_and_valid_keys(tmp_path):
+    p = write(tmp_path, BASE + "model:\n  name_or_path: a\n  atn_implementation: eager\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, p)
+    msg = str(e.value)
+    assert "c.yaml, line 7" in msg and "model.atn_implementation" in msg
+    assert "attn_implementation" in msg and "precision" in msg  # lists valid keys, suggests
+
+
+def test_unknown_override_names_the_override():
+    with pytest.raises(ConfigError, match="command line override train.max_stepz"):
+        load_config(SFTConfig, None, ["data.train=x", "train.max_stepz=3"])
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    p = write(tmp_path, BASE + "  micro_batch_size: four\n")
+    with pytest.raises(ConfigError, match=r"line 5.*expected an integer, got 'four'"):
+        load_config(SFTConfig, p)
+    with pytest.raises(ConfigError, match="'qlora4'.*'none', 'lora', 'dora', 'qlora'"):
+        load_config(SFTConfig, write(tmp_path, BASE), ["adapter.kind=qlora4"])
+
+
+def test_exactly_one_of_epochs_and_max_steps(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of train.max_steps and train.epochs"):
+        load_config(SFTConfig, write(tmp_path, BASE), ["train.epochs=1"])
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(SFTConfig, None, ["data.train=x"])
+
+
+def test_global_batch_derives_accumulation(tmp_path):
+    cfg = load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=2", "train.global_batch_size=8"])
+    assert cfg.train.grad_accum == 4
+    cfg = load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=2", "train.global_batch_size=8"], world_size=2)
+    assert cfg.train.grad_accum == 2
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=3", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match="needs grad_accum=4"):
+        load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=2", "train.global_batch_size=8", "train.grad_accum=3"])
+
+
+def test_preset_fills_defaults_and_file_wins(tmp_path):
+    p = write(tmp_path, BASE + "preset: llama-2-13b\nadapter:\n  kind: lora\n  dropout: 0.1\n")
+    cfg = load_config(SFTConfig, p)
+    assert (cfg.adapter.r, cfg.adapter.alpha, cfg.adapter.dropout) == (32, 64, 0.1)
+    assert cfg.train.micro_batch_size == 2 and cfg.train.grad_accum == 8
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(SFTConfig, p, ["preset=llama-9"])
+
+
+@pytest.mark.parametrize("name,r,alpha", [("llama-2-7b", 16, 32), ("llama-2-13b", 32, 64), ("llama-2-70b", 64, 128)])
+def test_llama2_presets(name, r, alpha):
+    from instructkit.presets import preset_values
+
+    v = preset_values(name)
+    assert (v["adapter"]["r"], v["adapter"]["alpha"], v["adapter"]["dropout"]) == (r, alpha, 0.05)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config(SFTConfig, "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from instructkit.config import save_config
+
+    cfg = load_config(SFTConfig, write(tmp_path, BASE), ["adapter.target_modules=[q_proj,v_proj]"])
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(SFTConfig, tmp_path / "out" / "config.yaml")
+    assert again == cfg

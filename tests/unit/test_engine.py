@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+
+from instructkit.config import TrainConfig
+from instructkit.engine import checkpoint as C
+from instructkit.engine.batches import BatchStream
+from instructkit.engine.optim import build_optimizer, lr_at
+from instructkit.engine.runtime import get_rng_state, set_rng_state
+from instructkit.engine.step import NonFiniteGuard, optimizer_step
+from instructkit.errors import TrainingDiverged
+
+
+def test_warmup_then_cosine_to_min_lr():
+    t = TrainConfig(max_steps=10, lr=1.0, min_lr=0.1, warmup_steps=2)
+    lrs = [lr_at(s, 10, t) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0  # linear warmup reaches lr
+    assert lrs[2] == 1.0  # cosine starts at the top
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert math.isclose(lr_at(10, 10, t), 0.1)
+    t2 = TrainConfig(max_steps=10, lr=1.0, warmup_fraction=0.5, schedule="constant")
+    assert [lr_at(s, 10, t2) for s in (0, 4, 5, 9)] == [0.2, 1.0, 1.0, 1.0]
+
+
+def test_batch_stream_resumes_and_crosses_epochs():
+    plan = lambda epoch: [(epoch, i) for i in range(3)]
+    a = BatchStream(plan)
+    first = a.take(4)
+    b = BatchStream(plan)
+    b.load_state_dict(a.state_dict())
+    assert first == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert a.take(3) == b.take(3) == [(1, 1), (1, 2), (2, 0)]
+
+
+def test_guard_skips_then_stops_with_diagnosis():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NonFiniteGuard(max_in_row=2, precision="bf16", attn="sdpa", lr=1e-3)
+    before = model.weight.detach().clone()
+    model(torch.ones(1, 2)).sum().backward()
+    r = optimizer_step(model, opt, 1.0, guard, float("nan"), step=0)
+    assert r.skipped and torch.equal(model.weight, before) and model.weight.grad is None
+    model(torch.ones(1, 2)).sum().backward()
+    r = optimizer_step(model, opt, 1.0, guard, 1.0, step=1)  # a good step resets the count
+    assert not r.skipped and not torch.equal(model.weight, before)
+    optimizer_step(model, opt, 1.0, guard, float("inf"), step=2)
+    with pytest.raises(TrainingDiverged) as e:
+        optimizer_step(model, opt, 1.0, guard, float("nan"), step=3)
+    msg = str(e.value)
+    assert "precision" in msg and "attention" in msg and "learning rate" in msg
+    assert guard.total == 3
+
+
+def test_checkpoint_round_trip_and_keep_last(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    model[0].weight.requires_grad_(False)  # frozen: not saved
+    opt = build_optimizer(model, TrainConfig(max_steps=1, lr=0.01), torch.device("cpu"))
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    rng = get_rng_state()
+    expected_rand = torch.rand(3)
+    for step in (1, 2, 3):
+        C.save_checkpoint(tmp_path, step, model, opt, {"stream": {"epoch": 0, "index": step}}, rng, keep_last=2)
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    # a half-written checkpoint (crash during save) is ignored
+    (tmp_path / "step-000004.tmp").mkdir()
+    assert C.latest_checkpoint(tmp_path).name == "step-000003"
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    fresh[0].weight.requires_grad_(False)
+    opt2 = build_optimizer(fresh, TrainConfig(max_steps=1, lr=0.01), torch.device("cpu"))
+    state = C.load_checkpoint(C.latest_checkpoint(tmp_path), fresh, opt2)
+    assert state["step"] == 3 and state["loop"]["stream"]["index"] == 3
+    assert torch.equal(fresh[1].weight, model[1].weight)
+    assert not torch.equal(fresh[0].weight, model[0].weight)  # frozen weights are not in it
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    for k in s1["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
+    set_rng_state(state["rng"])
+    assert torch.equal(torch.rand(3), expected_rand)
