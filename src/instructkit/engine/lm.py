@@ -76,3 +76,22 @@ def evaluate_lm(model, batches, device, precision: str, chunk_size: int = 0) -> 
         model.train()
     mean = total / max(count, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+def lm_backward(model, micro_batches: list[dict], device, precision: str, chunk_size: int = 0) -> float:
+    """Forward and backward over one optimizer step's micro-batches.
+
+    Each micro-batch's summed loss is divided by the target count of the WHOLE step, so
+    micro-batch 2 x accumulation 2 gives the gradients of micro-batch 4 x accumulation 1, and
+    long and short micro-batches weigh their tokens equally. Returns the step's mean loss.
+    """
+    n_targets = sum(int((mb["target_ids"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    denom = max(n_targets, 1)
+    loss_sum = None  # a tensor: one device sync per step, not per micro-batch
+    for mb in micro_batches:
+        mb = to_device(mb, device)
+        with autocast(precision, device):
+            loss, _ = lm_loss_sum(model, mb, chunk_size)
+        (loss / denom).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return float(loss_sum) / denom if loss_sum is not None else float("nan")

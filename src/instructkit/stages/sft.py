@@ -19,11 +19,11 @@ from instructkit import models as M
 from instructkit.config import SFTConfig, effective_batch_size, save_config, to_dict
 from instructkit.engine import checkpoint as C
 from instructkit.engine.batches import BatchStream
-from instructkit.engine.lm import evaluate_lm, lm_loss_sum, to_device
+from instructkit.engine.lm import evaluate_lm, lm_backward
 from instructkit.engine.logging import MetricsLogger, ProgressBar, redact
 from instructkit.engine.optim import build_optimizer, lr_at, set_lr
 from instructkit.engine.runtime import (
-    autocast, get_rng_state, peak_memory_gb, resolve_device, seed_everything, set_rng_state,
+    get_rng_state, peak_memory_gb, resolve_device, seed_everything, set_rng_state,
 )
 from instructkit.engine.step import NonFiniteGuard, optimizer_step
 from instructkit.errors import UserError
@@ -37,6 +37,8 @@ class SFTResult:
     train_loss: float
     eval_loss: float | None
     stopped_early: bool
+    model: object = None  # the trained model, in memory (for the pipeline and tests)
+    tokenizer: object = None
 
 
 def prepare_output_dir(output_dir: Path, resume: bool) -> None:
@@ -124,19 +126,10 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     step = start_step
     while step < total_steps:
         set_lr(optimizer, lr_at(step, total_steps, t))
-        micro_batches = [collate(rows, sft_data.train) for rows in stream.take(t.grad_accum)]
-        # Normalise by the step's target count, not per micro-batch, so that a long and a
-        # short micro-batch weigh their tokens equally (accumulation equals a bigger batch).
-        n_targets = sum(int((mb["target_ids"] != -100).sum()) for mb in micro_batches)
-        loss_sum = 0.0
-        for mb in micro_batches:
-            mb = to_device(mb, device)
-            with autocast(cfg.model.precision, device):
-                loss, _ = lm_loss_sum(model, mb, t.loss_chunk_size)
-            (loss / max(n_targets, 1)).backward()
-            loss_sum += float(loss)
-            tokens_since += int(mb["input_ids"].numel())
-        loss_value = loss_sum / max(n_targets, 1)
+        planned = stream.take(t.grad_accum)
+        micro_batches = [collate(rows, sft_data.train) for rows in planned]
+        loss_value = lm_backward(model, micro_batches, device, cfg.model.precision, t.loss_chunk_size)
+        tokens_since += sum(lengths[i] for rows in planned for row in rows for i in row)  # real, not pad
         result = optimizer_step(model, optimizer, t.max_grad_norm, guard, loss_value, step)
         step += 1
         if step % cfg.log.every == 0 or step == total_steps:
@@ -171,7 +164,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     M.save_final(model, tokenizer, final, cfg.model)
     logger.log(step, {"event": "end", "final_dir": str(final)})
     logger.close()
-    return SFTResult(out, final, step, loss_value, eval_metrics.get("eval_loss"), stopped_early)
+    return SFTResult(out, final, step, loss_value, eval_metrics.get("eval_loss"), stopped_early, model, tokenizer)
 
 
 def early_stop(loop: dict, eval_loss: float | None, patience: int | None) -> bool:
