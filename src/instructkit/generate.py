@@ -5,20 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def render_prompt(tokenizer, prompt: str, system_prompt: str | None = None, template: str = "auto") -> str:
-    """The text the model sees before its answer: the chat template with a generation prompt,
-    or the Alpaca prompt when the tokenizer has no chat template."""
-    use_chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None))
-    if use_chat:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    from instructkit.data.templates import alpaca_prompt
-
-    return alpaca_prompt(prompt, "")
-
-
 @torch.no_grad()
 def generate_responses(
     model,
@@ -37,18 +23,17 @@ def generate_responses(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     if seed is not None:
         torch.manual_seed(seed)
-    texts = [render_prompt(tokenizer, p, system_prompt, template) for p in prompts]
+    from instructkit.data import build_prompt_ids
+
+    # The same rendering as in training, cut where the answer starts.
+    prompt_ids = [build_prompt_ids(p, tokenizer, template, system_prompt) for p in prompts]
     eos = _stop_ids(tokenizer)
     out: list[str] = []
     try:
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
-            # The template already holds BOS where the model wants it.
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        for i in range(0, len(prompt_ids), batch_size):
+            enc = left_pad(prompt_ids[i : i + batch_size], tokenizer.pad_token_id, device)
             sampling = temperature > 0
             kwargs = dict(
                 max_new_tokens=max_new_tokens,
@@ -63,7 +48,6 @@ def generate_responses(
             new = ids[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = old_side
         if was_training:
             model.train()
     return [o.strip() for o in out]
@@ -77,3 +61,14 @@ def _stop_ids(tokenizer) -> list[int]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> dict:
+    """Left-padded input_ids and attention_mask, so every prompt ends where generation starts."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
