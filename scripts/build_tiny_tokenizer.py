@@ -37,6 +37,20 @@ CHAT_TEMPLATE = (
 )
 
 
+README = """# Tiny tokenizer
+
+Byte-level BPE, {vocab} tokens, for the `tiny-llama` presets (random models for tests and
+demos). Built by `scripts/build_tiny_tokenizer.py` from the first 300 KB of Tiny Shakespeare
+(public domain; karpathy/char-rnn) and the instructions and outputs of the Self-Instruct seed
+tasks (Apache-2.0; yizhongw/self-instruct, data/seed_tasks.jsonl). Only the learned vocabulary
+and merges ship here, not the text.
+
+Special tokens: `<|begin_of_text|>` (BOS), `<|end_of_text|>` (EOS), `<|pad|>` (pad),
+`<|im_start|>`, `<|im_end|>` (ChatML turns); they take the last ids. Encoding adds no BOS/EOS.
+The chat template is ChatML with `add_generation_prompt` support.
+"""
+
+
 def corpus(data: Path, shakespeare_bytes: int = 300_000) -> list[str]:
     text = (data / "tinyshakespeare.txt").read_bytes()[:shakespeare_bytes].decode("utf-8", "ignore")
     lines = [p for p in text.split("\n\n") if p.strip()]
@@ -85,6 +99,7 @@ def build(data: Path, vocab_size: int, out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     fast.save_pretrained(out)
+    (out / "README.md").write_text(README.format(vocab=len(fast)))
     print(f"saved {len(fast)} tokens to {out}")
     for p in sorted(out.iterdir()):
         print(f"  {p.name}: {p.stat().st_size} bytes")

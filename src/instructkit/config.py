@@ -337,9 +337,9 @@ def convert(tp, value, dotted: str, source: str, lines: dict[str, int]):
                 return convert(a, value, dotted, source, lines)
             except ConfigError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{where}: {value!r} fits none of {_type_name(tp)}"
-        )
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{where}: {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -50,7 +50,8 @@ def test_unknown_key_and_wrong_type(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  train: x.jsonl\ntrain:\n  max_steps: 1\n  lr_rate: 0.1\n")
     expect_error(capsys, ["validate", str(cfg)], "c.yaml, line 5", "lr_rate", "Valid keys")
-    expect_error(capsys, ["validate", str(cfg), "train.lr_rate=0", "train.max_steps=x"], "lr_rate")
+    cfg.write_text("data:\n  train: x.jsonl\ntrain:\n  max_steps: 1\n")
+    expect_error(capsys, ["validate", str(cfg), "train.lr_rate=0"], "command line override train.lr_rate")
     cfg.write_text("data:\n  train: x.jsonl\ntrain:\n  max_steps: many\n")
     expect_error(capsys, ["sft", str(cfg)], "line 4", "max_steps", "expected an integer")
 

@@ -45,7 +45,8 @@ def metrics(run_dir):
 
 def base_state(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {k: v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
+    # peft wraps each adapted Linear: its frozen weight becomes "<name>.base_layer.weight"
+    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
 
 
 def test_lora_changes_adapter_only_and_saved_adapter_gives_same_logits(tmp_path):
@@ -83,7 +84,8 @@ def test_lora_changes_adapter_only_and_saved_adapter_gives_same_logits(tmp_path)
 
 def test_full_finetune_overfits_eight_examples(tmp_path):
     cfg = config(
-        tmp_path, "adapter.kind=none", "train.max_steps=60", "train.lr=3e-3", "train.micro_batch_size=8",
+        tmp_path, "model.name_or_path=tiny-llama-256", "adapter.kind=none", "train.max_steps=60",
+        "train.lr=1e-3", "train.micro_batch_size=8",
         "data.val_fraction=0", "train.warmup_steps=5", data=examples_file(tmp_path, n=8),
     )
     result = sft.run(cfg)

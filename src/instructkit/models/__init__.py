@@ -1,0 +1,57 @@
+"""Models layer: tokenizers, models, adapters, tiny presets, saving and loading for inference.
+
+Contract (docs/DESIGN.md): ``load_tokenizer``, ``load_model``, ``save_final``,
+``load_for_inference``.
+"""
+
+from instructkit.models.adapters import (
+    apply_adapter,
+    count_parameters,
+    decoder_layers,
+    detect_target_modules,
+)
+from instructkit.models.load import (
+    compile_layers,
+    freeze_layers,
+    load_base_model,
+    load_model,
+    resize_vocab,
+    resolve_device,
+)
+from instructkit.models.save import load_for_inference, save_final
+from instructkit.models.sources import (
+    Source,
+    converted_gguf,
+    gguf_cache_dir,
+    resolve_source,
+    smollm2_gguf_path,
+)
+from instructkit.models.tiny import TINY_PRESETS, build_tiny_model, is_tiny_preset, tiny_tokenizer
+from instructkit.models.tokenizer import fix_pad_token, load_tokenizer, set_chat_template
+
+__all__ = [
+    "TINY_PRESETS",
+    "Source",
+    "apply_adapter",
+    "build_tiny_model",
+    "compile_layers",
+    "converted_gguf",
+    "count_parameters",
+    "decoder_layers",
+    "detect_target_modules",
+    "fix_pad_token",
+    "freeze_layers",
+    "gguf_cache_dir",
+    "is_tiny_preset",
+    "load_base_model",
+    "load_for_inference",
+    "load_model",
+    "load_tokenizer",
+    "resize_vocab",
+    "resolve_device",
+    "resolve_source",
+    "save_final",
+    "set_chat_template",
+    "smollm2_gguf_path",
+    "tiny_tokenizer",
+]

@@ -1,0 +1,93 @@
+"""Tiny random LLaMA presets with the shipped byte-level BPE tokenizer.
+
+``tiny-llama`` (0.2M parameters) makes unit tests and CPU smoke runs take seconds;
+``tiny-llama-256`` (2.9M) is big enough to see a loss go down in a demo. The weights are a
+seeded random initialisation: the same seed gives the same model on every machine.
+The tokenizer (vocabulary 1024, ChatML chat template) is built by
+``scripts/build_tiny_tokenizer.py`` and ships in ``instructkit/assets/tiny_tokenizer``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
+
+# LlamaConfig fields per preset; vocab_size and the special token ids come from the tokenizer.
+TINY_PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "tiny-llama-256": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+}
+
+
+def is_tiny_preset(name: str | None) -> bool:
+    return isinstance(name, str) and name.strip().lower() in TINY_PRESETS
+
+
+def tiny_tokenizer():
+    """The shipped tiny tokenizer (a fresh copy each call: callers may add tokens to it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tok.padding_side = "right"
+    return tok
+
+
+def tiny_config(name: str, tokenizer=None):
+    from transformers import LlamaConfig
+
+    key = name.strip().lower()
+    if key not in TINY_PRESETS:
+        from instructkit.errors import UserError
+
+        raise UserError(f"unknown tiny preset {name!r}; choose one of {', '.join(TINY_PRESETS)}")
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_PRESETS[key],
+    )
+    cfg._name_or_path = key
+    return cfg
+
+
+def build_tiny_model(name: str = "tiny-llama", seed: int = 0, dtype: torch.dtype | None = None):
+    """A randomly initialised LlamaForCausalLM for preset ``name``; the same seed gives the
+    same weights. The global RNG state is left as it was."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(name, tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.name_or_path = cfg._name_or_path
+    # Stop on either EOS or the end of a ChatML turn.
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")],
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+    )
+    return model
