@@ -63,8 +63,11 @@ class AdapterConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # a file (.json/.jsonl/.jsonl.gz/.parquet/.csv) or a datasets name
+    # SFT formats: alpaca, dolly, self_instruct, messages, sharegpt, oasst, text;
+    # preference formats (rm, dpo): pairs, hh, ranked, oasst.
     format: Literal[
-        "auto", "alpaca", "dolly", "self_instruct", "messages", "sharegpt", "oasst", "text"
+        "auto", "alpaca", "dolly", "self_instruct", "messages", "sharegpt", "oasst", "text",
+        "pairs", "hh", "ranked",
     ] = "auto"
     split: str = "train"  # split of a datasets name
     fields: dict[str, str] = field(default_factory=dict)  # our name -> the file's name

@@ -222,8 +222,16 @@ def _content(raw: Any) -> str:
     return as_text(raw)
 
 
-def _turns(rec: dict, i: int, ctx: _Ctx, list_name: str, role_keys: tuple, content_keys: tuple) -> list[Conversation]:
-    turns = ctx.get(rec, list_name, i)
+def parse_messages(
+    turns: Any,
+    i: int,
+    ctx: _Ctx,
+    list_name: str,
+    role_keys: tuple = ("role", "from"),
+    content_keys: tuple = ("content", "value", "text"),
+) -> Conversation:
+    """A list of message objects (field ``list_name`` of record ``i``) as a conversation:
+    roles normalized (human/gpt/prompter ... -> user/assistant), content parts joined."""
     if not isinstance(turns, list):
         raise ctx.bad(i, f"field {ctx.key(list_name)!r} must be a list of messages")
     conv = []
@@ -237,6 +245,11 @@ def _turns(rec: dict, i: int, ctx: _Ctx, list_name: str, role_keys: tuple, conte
             need = f"{role_keys[0]} and {content_keys[0]}"
             raise ctx.bad(i, f"a message lacks {need}; fields found: {found}")
         conv.append({"role": _role(t[rk], i, ctx), "content": _content(t[ck])})
+    return conv
+
+
+def _turns(rec: dict, i: int, ctx: _Ctx, list_name: str, role_keys: tuple, content_keys: tuple) -> list[Conversation]:
+    conv = parse_messages(ctx.get(rec, list_name, i), i, ctx, list_name, role_keys, content_keys)
     system = as_text(ctx.get(rec, "system", i, required=False)).strip()
     if system and not any(m["role"] == "system" for m in conv):
         conv.insert(0, {"role": "system", "content": system})

@@ -1,7 +1,8 @@
 """Models layer: tokenizers, models, adapters, tiny presets, saving and loading for inference.
 
 Contract (docs/DESIGN.md): ``load_tokenizer``, ``load_model``, ``save_final``,
-``load_for_inference``.
+``load_for_inference``; the reward model: ``load_reward_model``, ``reward_scores``,
+``save_reward_model``, ``load_reward_stats``.
 """
 
 from instructkit.models.adapters import (
@@ -9,6 +10,13 @@ from instructkit.models.adapters import (
     count_parameters,
     decoder_layers,
     detect_target_modules,
+)
+from instructkit.models.heads import (
+    NUM_PADDING_AT_BEGINNING_MESSAGE,
+    load_reward_model,
+    load_reward_stats,
+    reward_scores,
+    save_reward_model,
 )
 from instructkit.models.load import (
     compile_layers,
@@ -30,6 +38,7 @@ from instructkit.models.tiny import TINY_PRESETS, build_tiny_model, is_tiny_pres
 from instructkit.models.tokenizer import fix_pad_token, load_tokenizer, set_chat_template
 
 __all__ = [
+    "NUM_PADDING_AT_BEGINNING_MESSAGE",
     "TINY_PRESETS",
     "Source",
     "apply_adapter",
@@ -46,11 +55,15 @@ __all__ = [
     "load_base_model",
     "load_for_inference",
     "load_model",
+    "load_reward_model",
+    "load_reward_stats",
     "load_tokenizer",
     "resize_vocab",
     "resolve_device",
     "resolve_source",
+    "reward_scores",
     "save_final",
+    "save_reward_model",
     "set_chat_template",
     "smollm2_gguf_path",
     "tiny_tokenizer",

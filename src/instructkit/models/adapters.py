@@ -143,11 +143,20 @@ def qlora_quantization_config(adapter_cfg):
 # --------------------------------------------------------------------------- adapters
 
 
-def apply_adapter(model: nn.Module, adapter_cfg, gradient_checkpointing: bool = False):
+def apply_adapter(
+    model: nn.Module,
+    adapter_cfg,
+    gradient_checkpointing: bool = False,
+    task_type: str = "CAUSAL_LM",
+):
     """Wrap ``model`` in a peft LoRA/DoRA adapter; only the adapter weights stay trainable.
 
     For QLoRA the model must already be loaded in 4 bit (``load_model`` does that);
     ``peft.prepare_model_for_kbit_training`` is applied first.
+
+    ``task_type="SEQ_CLS"`` (sequence classifiers, the reward model): peft keeps the
+    classification head (``score`` / ``classifier``) in ``modules_to_save``, so the head is
+    trained in full next to the adapter and saved with it.
     """
     kind = adapter_cfg.kind
     if kind == "none":
@@ -176,7 +185,7 @@ def apply_adapter(model: nn.Module, adapter_cfg, gradient_checkpointing: bool = 
         target_modules=targets,
         use_dora=kind == "dora",
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     peft_model = get_peft_model(model, config)
     log.info("%s adapter r=%d on %s", kind, adapter_cfg.r, ", ".join(targets))

@@ -59,15 +59,22 @@ def configure_sdp(model_cfg) -> None:
 
 
 def _from_pretrained(folder_or_id: str, source: Source, key: str, **kwargs):
-    from transformers import AutoModelForCausalLM
+    """``AutoModelForCausalLM.from_pretrained``, or ``AutoModelForSequenceClassification``
+    when ``num_labels`` is among the kwargs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if kwargs.get("num_labels") is not None:
+        auto, what = AutoModelForSequenceClassification, "sequence classifier"
+    else:
+        kwargs.pop("num_labels", None)
+        auto, what = AutoModelForCausalLM, "causal LM"
     if source.kind == "hub":
-        return hub_load(AutoModelForCausalLM.from_pretrained, source, "model", key, **kwargs)
+        return hub_load(auto.from_pretrained, source, "model", key, **kwargs)
     kwargs.pop("revision", None)
     try:
-        return AutoModelForCausalLM.from_pretrained(folder_or_id, **kwargs)
+        return auto.from_pretrained(folder_or_id, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{key}={source.name!r}: cannot load a causal LM from it: {e}") from None
+        raise UserError(f"{key}={source.name!r}: cannot load a {what} from it: {e}") from None
     except ImportError as e:  # e.g. flash_attention_2 without flash-attn
         raise UserError(f"{key}={source.name!r}: {e}") from None
 
@@ -83,9 +90,16 @@ def load_base_model(
     device: torch.device | None = None,
     seed: int = 0,
     key: str = "model.name_or_path",
+    num_labels: int | None = None,
 ):
-    """The plain transformers model for ``source`` (no adapter, nothing frozen)."""
+    """The plain transformers model for ``source`` (no adapter, nothing frozen).
+
+    ``num_labels``: an ``AutoModelForSequenceClassification`` with that many outputs instead
+    of the causal LM (1 for a reward model); a head the checkpoint lacks is drawn from ``seed``.
+    """
     kwargs = {"trust_remote_code": trust_remote_code}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation:
@@ -96,7 +110,7 @@ def load_base_model(
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device if device is not None else torch.device("cuda")}
     if source.kind == "tiny":
-        model = build_tiny_model(source.ref, seed=seed)
+        model = build_tiny_model(source.ref, seed=seed, num_labels=num_labels)
         if quantization_config is not None:  # quantize through a save + 4-bit reload
             with tempfile.TemporaryDirectory(prefix="instructkit-tiny-") as tmp:
                 model.save_pretrained(tmp)
@@ -112,11 +126,15 @@ def load_base_model(
                         f"model.attn_implementation={attn_implementation!r}: {e}"
                     ) from None
         name = source.ref
-    elif source.kind == "gguf":
-        model = _from_pretrained(str(converted_gguf(source.ref)), source, key, **kwargs)
-        name = source.ref
     else:
-        model = _from_pretrained(source.ref, source, key, **kwargs)
+        ref = str(converted_gguf(source.ref)) if source.kind == "gguf" else source.ref
+        if num_labels is None:
+            model = _from_pretrained(ref, source, key, **kwargs)
+        else:  # a classification head the checkpoint lacks is initialised: seed it
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                model = _from_pretrained(ref, source, key, **kwargs)
         name = source.ref
     model.name_or_path = name
     model.config._name_or_path = name
@@ -207,7 +225,13 @@ def compile_layers(model: nn.Module) -> int:
 
 
 def load_model(
-    model_cfg, adapter_cfg=None, tokenizer=None, device=None, *, seed: int | None = None
+    model_cfg,
+    adapter_cfg=None,
+    tokenizer=None,
+    device=None,
+    *,
+    seed: int | None = None,
+    num_labels: int | None = None,
 ):
     """The model for training, as ``model_cfg`` and ``adapter_cfg`` describe it.
 
@@ -219,6 +243,9 @@ def load_model(
     ``seed`` only matters for the tiny random presets; by default it is
     ``torch.initial_seed()``, the seed the run last gave ``torch.manual_seed`` (so a run seeded
     with ``train.seed`` gets ``build_tiny_model(name, seed=train.seed)``).
+
+    ``num_labels``: a sequence classifier (``AutoModelForSequenceClassification``; 1 for the
+    reward model, see ``instructkit.models.heads``) whose head is trained with any adapter.
     """
     from instructkit.config import AdapterConfig
 
@@ -239,6 +266,7 @@ def load_model(
         quantization_config=qlora_quantization_config(adapter_cfg) if kind == "qlora" else None,
         device=dev,
         seed=torch.initial_seed() if seed is None else seed,
+        num_labels=num_labels,
     )
     if tokenizer is not None:
         resize_vocab(model, len(tokenizer))
@@ -255,7 +283,10 @@ def load_model(
             model.enable_input_require_grads()
     if kind != "none":
         model = apply_adapter(
-            model, adapter_cfg, gradient_checkpointing=model_cfg.gradient_checkpointing
+            model,
+            adapter_cfg,
+            gradient_checkpointing=model_cfg.gradient_checkpointing,
+            task_type="CAUSAL_LM" if num_labels is None else "SEQ_CLS",
         )
     freeze_layers(model, model_cfg.freeze_layers)
     if kind != "qlora":  # 4-bit weights are placed on the GPU at load time

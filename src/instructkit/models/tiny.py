@@ -70,9 +70,18 @@ def tiny_config(name: str, tokenizer=None):
     return cfg
 
 
-def build_tiny_model(name: str = "tiny-llama", seed: int = 0, dtype: torch.dtype | None = None):
+def build_tiny_model(
+    name: str = "tiny-llama",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    num_labels: int | None = None,
+):
     """A randomly initialised LlamaForCausalLM for preset ``name``; the same seed gives the
-    same weights. The global RNG state is left as it was."""
+    same weights. The global RNG state is left as it was.
+
+    ``num_labels``: a LlamaForSequenceClassification instead (a reward model when 1). Its
+    decoder is the causal LM's of the same seed (as if loaded from that checkpoint) and its
+    ``score`` head is drawn from the same seed."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
@@ -80,9 +89,19 @@ def build_tiny_model(name: str = "tiny-llama", seed: int = 0, dtype: torch.dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
+        if num_labels is not None:
+            from transformers import LlamaForSequenceClassification
+
+            cfg.num_labels = num_labels
+            torch.manual_seed(seed)
+            classifier = LlamaForSequenceClassification(cfg)
+            classifier.model.load_state_dict(model.model.state_dict())
+            model = classifier
     if dtype is not None:
         model = model.to(dtype)
     model.name_or_path = cfg._name_or_path
+    if num_labels is not None:
+        return model
     # Stop on either EOS or the end of a ChatML turn.
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
