@@ -109,6 +109,7 @@ class TrainConfig:
     seed: int = 42
     max_nonfinite_steps: int = 5  # stop with a diagnosis after this many in a row
     eval_every: int = 0  # 0: only at the end
+    eval_at_start: bool = True  # a step-0 evaluation, the baseline the curve is read against
     eval_max_batches: int | None = None
     early_stopping_patience: int | None = None  # evaluations without improvement
     save_every: int = 0  # 0: only the final model

@@ -17,16 +17,13 @@ import torch
 from instructkit import data as D
 from instructkit import models as M
 from instructkit.config import SFTConfig, effective_batch_size, save_config, to_dict
-from instructkit.engine import checkpoint as C
+from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.lm import evaluate_lm, lm_backward
 from instructkit.engine.logging import MetricsLogger, ProgressBar, redact
 from instructkit.engine.optim import build_optimizer, lr_at, set_lr
-from instructkit.engine.runtime import (
-    get_rng_state, peak_memory_gb, resolve_device, seed_everything, set_rng_state,
-)
+from instructkit.engine.runtime import peak_memory_gb, resolve_device, seed_everything
 from instructkit.engine.step import NonFiniteGuard, optimizer_step
-from instructkit.errors import UserError
 
 
 @dataclass
@@ -41,23 +38,10 @@ class SFTResult:
     tokenizer: object = None
 
 
-def prepare_output_dir(output_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a finished or started run unless resuming (nothing is lost)."""
-    if resume:
-        return
-    if (output_dir / "checkpoints").is_dir() and any((output_dir / "checkpoints").iterdir()) or (
-        output_dir / "final"
-    ).exists():
-        raise UserError(
-            f"output_dir {output_dir} already holds a run; pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-
-
 def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     # ------------------------------------------------------------------ setup
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resume)
+    R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
     tokenizer = M.load_tokenizer(cfg.model)
@@ -80,18 +64,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
     stream = BatchStream(plan)
     guard = NonFiniteGuard(t.max_nonfinite_steps, cfg.model.precision, cfg.model.attn_implementation, t.lr)
-    loop = {"tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
-    start_step = 0
-    ckpt_root = out / "checkpoints"
-    if resume:
-        last = C.latest_checkpoint(ckpt_root)
-        if last is not None:
-            restored = C.load_checkpoint(last, model, optimizer)
-            start_step = restored["step"]
-            loop = restored["loop"]
-            stream.load_state_dict(loop.pop("stream"))
-            guard.total = loop.pop("skipped_steps", 0)
-            set_rng_state(restored["rng"])
+    start_step, loop, _ = R.restore(out, model, optimizer, stream, guard) if resume else (0, R.new_loop_state(), {})
 
     def collate(rows, examples):
         return D.collate(examples, rows, tokenizer.pad_token_id, cfg.model.attn_implementation)
@@ -117,6 +90,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     logger.log(start_step, {"event": "start", **{f"data_{k}": v for k, v in sft_data.stats.items()},
                             "effective_batch_size": effective_batch_size(t),
                             "total_steps": total_steps, "trainable_params": M.count_parameters(model)[0]})
+    if t.eval_at_start and start_step == 0 and (first := evaluate()):
+        logger.log(0, first)
     bar = ProgressBar(total_steps, start_step, cfg.log.progress, "sft")
 
     # ------------------------------------------------------------------ loop
@@ -144,16 +119,15 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
             })
             bar.update(step, loss=loss_value, tok_s=rate)
             t0, tokens_since = time.perf_counter(), 0
-        if cfg.log.generation_freq and step % cfg.log.generation_freq == 0:
+        if R.due(step, cfg.log.generation_freq):
             log_samples(model, tokenizer, cfg, logger, step)
-        if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
+        if R.due(step, t.eval_every, total_steps):
             eval_metrics = evaluate()
             if eval_metrics:
                 logger.log(step, eval_metrics)
-                stopped_early = early_stop(loop, eval_metrics.get("eval_loss"), t.early_stopping_patience)
-        if (t.save_every and step % t.save_every == 0) or stopped_early:
-            loop_state = {**loop, "stream": stream.state_dict(), "skipped_steps": guard.total}
-            C.save_checkpoint(ckpt_root, step, model, optimizer, loop_state, get_rng_state(), t.keep_last)
+                stopped_early = R.early_stop(loop, eval_metrics.get("eval_loss"), t.early_stopping_patience)
+        if R.due(step, t.save_every) or stopped_early:
+            R.save(out, step, model, optimizer, loop, stream, guard, t.keep_last)
         if stopped_early:
             logger.log(step, {"event": "early_stop", "best_eval_loss": loop["best_eval"]})
             break
@@ -165,18 +139,6 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     logger.log(step, {"event": "end", "final_dir": str(final)})
     logger.close()
     return SFTResult(out, final, step, loss_value, eval_metrics.get("eval_loss"), stopped_early, model, tokenizer)
-
-
-def early_stop(loop: dict, eval_loss: float | None, patience: int | None) -> bool:
-    """Track the best validation loss; true once it has not improved for ``patience`` evals."""
-    if eval_loss is None:
-        return False
-    if loop["best_eval"] is None or eval_loss < loop["best_eval"]:
-        loop["best_eval"] = eval_loss
-        loop["evals_without_improvement"] = 0
-        return False
-    loop["evals_without_improvement"] += 1
-    return patience is not None and loop["evals_without_improvement"] >= patience
 
 
 def log_samples(model, tokenizer, cfg: SFTConfig, logger: MetricsLogger, step: int) -> None:
