@@ -156,6 +156,57 @@ class SFTConfig:
             raise ConfigError("adapter.r must be > 0")
 
 
+@dataclass
+class RewardSection:
+    margin: float = 0.0  # required gap r_better - r_worse, added inside the sigmoid
+    center_coef: float = 0.0  # weight of the reward-centering term mean((r_b + r_w)^2)
+    stats_max_groups: int = 2000  # training groups scored at the end for the stored mean/std
+    # Accepted for DeepSpeed-Chat scripts; only 0 (or unset) is valid, see RMConfig.check.
+    num_padding_at_beginning: int | None = None
+
+
+@dataclass
+class RMConfig(SFTConfig):
+    output_dir: str = "runs/rm"
+    rm: RewardSection = field(default_factory=RewardSection)
+
+    def check(self, world_size: int = 1) -> None:
+        super().check(world_size)
+        if self.rm.num_padding_at_beginning not in (None, 0):
+            from instructkit.models.heads import NUM_PADDING_AT_BEGINNING_MESSAGE
+
+            raise ConfigError(
+                f"rm.num_padding_at_beginning={self.rm.num_padding_at_beginning}: "
+                + NUM_PADDING_AT_BEGINNING_MESSAGE
+            )
+
+
+@dataclass
+class DPOSection:
+    loss: Literal["sigmoid", "ipo", "hinge", "conservative"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO only
+    # Reference log-probs computed once before training; the reference model is then freed.
+    precompute_ref: bool = False
+    # Reference model; None: the starting policy (with LoRA: the base with adapters disabled).
+    ref_name_or_path: str | None = None
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    output_dir: str = "runs/dpo"
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+    def check(self, world_size: int = 1) -> None:
+        super().check(world_size)
+        if self.dpo.beta <= 0:
+            raise ConfigError("dpo.beta must be > 0")
+        if not 0.0 <= self.dpo.label_smoothing < 0.5:
+            raise ConfigError("dpo.label_smoothing must be in [0, 0.5)")
+        if self.dpo.label_smoothing and self.dpo.loss != "conservative":
+            raise ConfigError("dpo.label_smoothing only applies to dpo.loss=conservative")
+
+
 def check_train(t: TrainConfig, world_size: int = 1) -> None:
     if (t.max_steps is None) == (t.epochs is None):
         raise ConfigError(

@@ -96,14 +96,16 @@ def test_full_finetune_overfits_eight_examples(tmp_path):
 
 
 def _interrupt_at(monkeypatch, step_to_fail):
-    real = sft.optimizer_step
+    from instructkit.engine import fit as F
+
+    real = F.optimizer_step
 
     def flaky(model, optimizer, max_grad_norm, guard, loss, step):
         if step == step_to_fail:
             raise KeyboardInterrupt("simulated kill")
         return real(model, optimizer, max_grad_norm, guard, loss, step)
 
-    monkeypatch.setattr(sft, "optimizer_step", flaky)
+    monkeypatch.setattr(F, "optimizer_step", flaky)
 
 
 @pytest.mark.parametrize("kind", ["lora", "none"])
