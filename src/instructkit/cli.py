@@ -13,13 +13,13 @@ from pathlib import Path
 
 from instructkit.errors import UserError
 
-STAGES = ("sft",)
+STAGES = ("sft", "rm", "dpo")
 
 
 def _config_class(stage: str):
-    from instructkit.config import SFTConfig
+    from instructkit.config import DPOConfig, RMConfig, SFTConfig
 
-    return {"sft": SFTConfig}[stage]
+    return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}[stage]
 
 
 def _guess_stage(path: str) -> str:
@@ -34,11 +34,11 @@ def cmd_train(args) -> int:
     from instructkit.config import load_config
 
     cfg = load_config(_config_class(args.command), args.config, args.overrides)
-    if args.command == "sft":
-        from instructkit.stages import sft
+    import importlib
 
-        result = sft.run(cfg, resume=args.resume)
-        print(f"done: {result.steps} steps, final model in {result.final_dir}")
+    stage = importlib.import_module(f"instructkit.stages.{args.command}")
+    result = stage.run(cfg, resume=args.resume)
+    print(f"done: {result.steps} steps, final model in {result.final_dir}")
     return 0
 
 

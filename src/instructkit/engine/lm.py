@@ -95,3 +95,17 @@ def lm_backward(model, micro_batches: list[dict], device, precision: str, chunk_
         (loss / denom).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return float(loss_sum) / denom if loss_sum is not None else float("nan")
+
+
+def completion_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
+    """Log-probability of each row's trained tokens (its completion) under ``model``: [R].
+
+    ``batch`` is collated with a [R, L] padding mask and shifted ``target_ids``; the sum over
+    the completion, or its per-token mean with ``average=True``.
+    """
+    from instructkit.preference_losses import sequence_logprobs
+    from instructkit.losses import token_logprobs
+
+    logits = model(**model_inputs(batch)).logits  # [R, L, V]
+    targets = batch["target_ids"]
+    return sequence_logprobs(token_logprobs(logits, targets), targets != IGNORE_INDEX, average)

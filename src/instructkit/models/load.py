@@ -17,7 +17,7 @@ from instructkit.models.adapters import (
     qlora_quantization_config,
     unwrap,
 )
-from instructkit.models.sources import Source, converted_gguf, hub_load, resolve_source
+from instructkit.models.sources import Source, hub_load, local_folder, resolve_source
 from instructkit.models.tiny import build_tiny_model
 
 log = logging.getLogger("instructkit.models")
@@ -127,7 +127,7 @@ def load_base_model(
                     ) from None
         name = source.ref
     else:
-        ref = str(converted_gguf(source.ref)) if source.kind == "gguf" else source.ref
+        ref = local_folder(source)
         if num_labels is None:
             model = _from_pretrained(ref, source, key, **kwargs)
         else:  # a classification head the checkpoint lacks is initialised: seed it

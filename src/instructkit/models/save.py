@@ -142,7 +142,7 @@ def save_final(model, tokenizer, out_dir, model_cfg) -> Path:
         meta["kind"] = "adapter"
         # save_embedding_layers=False: peft's "auto" looks the base up on the hub.
         model.save_pretrained(str(tmp), save_embedding_layers=False)
-        if source_kind in ("tiny", "gguf"):
+        if source_kind in ("tiny", "gguf", "adapter"):
             _save_base(base, tmp / BASE_DIR)
             tokenizer.save_pretrained(str(tmp / BASE_DIR))
             meta["base_folder"] = BASE_DIR

@@ -29,7 +29,7 @@ from instructkit.models.tiny import TINY_PRESETS, is_tiny_preset
 
 log = logging.getLogger("instructkit.models")
 
-SourceKind = Literal["tiny", "local", "gguf", "hub"]
+SourceKind = Literal["tiny", "local", "gguf", "hub", "adapter"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,6 +66,8 @@ def resolve_source(name: str, key: str = "model.name_or_path") -> Source:
             raise UserError(
                 f"{key}={name!r} is a file but not a .gguf file; {key} accepts {accepted_kinds()}"
             )
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            return Source("adapter", str(path), name)  # e.g. runs/sft/final of a LoRA run
         if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
@@ -246,3 +248,50 @@ def converted_gguf(gguf_path: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s in %.1f s", src.name, time.perf_counter() - t0)
     return final
+
+
+def adapter_cache_dir(adapter_dir: str | Path) -> Path:
+    p = Path(adapter_dir).resolve()
+    stamp = max(f.stat().st_mtime_ns for f in p.iterdir() if f.is_file())
+    key = hashlib.sha256(f"{p}\0{stamp}".encode()).hexdigest()[:24]
+    return cache_root() / "merged" / key
+
+
+def merged_adapter(adapter_dir: str | Path) -> Path:
+    """A plain Hugging Face folder holding an adapter folder's base with the adapter merged
+    in (fp32), built once and cached, so a LoRA result can start the next stage (SFT -> DPO,
+    reward model, PPO) like any local model."""
+    src = Path(adapter_dir).resolve()
+    final = adapter_cache_dir(src)
+    if (final / "instructkit_source.json").exists():
+        return final
+    import torch
+
+    from instructkit.models.save import load_for_inference
+
+    model, tokenizer = load_for_inference(src, device="cpu", dtype=torch.float32)
+    plain = model.merge_and_unload()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        plain.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "instructkit_source.json").write_text(json.dumps({"adapter": str(src)}, indent=1))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "instructkit_source.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def local_folder(source: Source) -> str:
+    """The Hugging Face folder behind a local, gguf or adapter source (converted once)."""
+    if source.kind == "gguf":
+        return str(converted_gguf(source.ref))
+    if source.kind == "adapter":
+        return str(merged_adapter(source.ref))
+    return source.ref

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from instructkit.errors import UserError
-from instructkit.models.sources import converted_gguf, hub_load, resolve_source
+from instructkit.models.sources import hub_load, local_folder, resolve_source
 from instructkit.models.tiny import tiny_tokenizer
 
 log = logging.getLogger("instructkit.models")
@@ -57,10 +57,8 @@ def load_tokenizer(model_cfg):
         kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
         if model_cfg.revision and name == model_cfg.name_or_path and src.kind == "hub":
             kwargs["revision"] = model_cfg.revision
-        if src.kind == "gguf":
-            tok = _load_local(AutoTokenizer, str(converted_gguf(src.ref)), name, key, kwargs)
-        elif src.kind == "local":
-            tok = _load_local(AutoTokenizer, src.ref, name, key, kwargs)
+        if src.kind in ("gguf", "adapter", "local"):
+            tok = _load_local(AutoTokenizer, local_folder(src), name, key, kwargs)
         else:
             tok = hub_load(AutoTokenizer.from_pretrained, src, "tokenizer", key, **kwargs)
     if model_cfg.chat_template:

@@ -1,0 +1,173 @@
+"""Direct preference optimisation: learn from ranked pairs against a frozen reference.
+
+The reference is, with LoRA/DoRA, the same base with the adapter switched off (one copy of
+the weights in memory); for full fine-tuning, a frozen copy. With ``dpo.precompute_ref`` the
+reference log-probs are computed once before training and the copy is freed. Each loss
+variant is its own pure function in ``instructkit.preference_losses``; the loop is the shared
+``instructkit.engine.fit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from instructkit import data as D
+from instructkit import models as M
+from instructkit.config import AdapterConfig, DPOConfig, effective_batch_size, save_config, to_dict
+from instructkit.engine import run as R
+from instructkit.engine.fit import Stage, fit
+from instructkit.engine.lm import completion_logps, to_device
+from instructkit.engine.logging import redact
+from instructkit.engine.optim import build_optimizer
+from instructkit.engine.runtime import autocast, resolve_device, seed_everything
+from instructkit.preference_losses import (
+    dpo_conservative_loss, dpo_hinge_loss, dpo_metrics, dpo_sigmoid_loss, ipo_loss,
+)
+
+LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss, "hinge": dpo_hinge_loss,
+          "conservative": dpo_conservative_loss}
+
+
+@dataclass
+class DPOResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: float
+    eval_metrics: dict
+    model: object = None
+    tokenizer: object = None
+
+
+def loss_fn(cfg: DPOConfig):
+    fn = LOSSES[cfg.dpo.loss]
+    if cfg.dpo.loss == "conservative":
+        fn = functools.partial(fn, label_smoothing=cfg.dpo.label_smoothing)
+    return fn
+
+
+class Reference:
+    """Reference log-probs: the adapter switched off, a frozen copy, or a precomputed table."""
+
+    def __init__(self, policy, copy=None):
+        self.policy, self.copy = policy, copy
+        self.table: dict[tuple[str, int], torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def logps(self, batch: dict, average: bool) -> torch.Tensor:
+        model = self.copy if self.copy is not None else self.policy
+        was_training = model.training
+        model.eval()  # no dropout in the reference
+        off = self.policy.disable_adapter() if self.copy is None else contextlib.nullcontext()
+        with off:
+            out = completion_logps(model, batch, average)
+        model.train(was_training)
+        return out
+
+
+def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
+    out = Path(cfg.output_dir)
+    R.prepare_output_dir(out, resume)
+    device = resolve_device(cfg.model.device)
+    seed_everything(cfg.train.seed)
+    tokenizer = M.load_tokenizer(cfg.model)
+    pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    policy = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+    ref = Reference(policy, copy=None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path
+                    else frozen_reference(cfg, tokenizer, device))
+    optimizer = build_optimizer(policy, cfg.train, device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
+    average = cfg.dpo.loss == "ipo"  # IPO compares per-token mean log-probs
+    loss_of = loss_fn(cfg)
+
+    def rows(split, groups):
+        return to_device(D.collate_preference(split, groups, pad), device)
+
+    def ref_logps(split_name, split, groups, batch) -> torch.Tensor:
+        if ref.table is not None:
+            return torch.cat([ref.table[(split_name, g)] for g in groups]).to(device)
+        with autocast(precision, device):
+            return ref.logps(batch, average)
+
+    if cfg.dpo.precompute_ref:
+        ref.table = {}
+        for name, split in (("train", pref.train), ("val", pref.val)):
+            for g in range(len(split)):
+                with autocast(precision, device):
+                    ref.table[(name, g)] = ref.logps(rows(split, [g]), average).cpu()
+        ref.copy = None  # free the frozen copy; the table is all we need
+
+    def pair_terms(split_name, split, groups):
+        batch = rows(split, groups)
+        with autocast(precision, device):
+            policy_lp = completion_logps(policy, batch, average)  # [R]
+        ref_lp = ref_logps(split_name, split, groups, batch)  # [R]
+        b, w = batch["pairs"][:, 0], batch["pairs"][:, 1]
+        return policy_lp[b], policy_lp[w], ref_lp[b], ref_lp[w]
+
+    def plan(epoch: int):
+        return D.plan_preference_batches([len(e.responses) for e in pref.train], t.micro_batch_size,
+                                         seed=t.seed, epoch=epoch)
+
+    def backward(planned: list) -> tuple[float, dict]:
+        n_pairs = sum(len(D.pairs_of(pref.train[g])) for groups in planned for g in groups)
+        total, terms = 0.0, []
+        for groups in planned:
+            pc, pr, rc, rr = pair_terms("train", pref.train, groups)
+            loss = loss_of(pc, pr, rc, rr, cfg.dpo.beta).sum() / n_pairs
+            loss.backward()
+            total += float(loss.detach())
+            terms.append([x.detach() for x in (pc, pr, rc, rr)])
+        return total, named_metrics(terms, cfg.dpo.beta)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if not pref.val:
+            return {}
+        policy.eval()
+        plan_val = D.plan_preference_batches([len(e.responses) for e in pref.val], t.micro_batch_size, seed=0, epoch=0)
+        losses, terms = [], []
+        for groups in plan_val[: t.eval_max_batches or None]:
+            pc, pr, rc, rr = pair_terms("val", pref.val, groups)
+            losses.append(loss_of(pc, pr, rc, rr, cfg.dpo.beta))
+            terms.append([pc, pr, rc, rr])
+        policy.train()
+        return {"eval_loss": float(torch.cat(losses).mean()),
+                **{f"eval_{k}": v for k, v in named_metrics(terms, cfg.dpo.beta).items()}}
+
+    stage = Stage(
+        name="dpo", plan=plan, backward=backward, evaluate=evaluate,
+        tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
+        start_metrics={**{f"data_{k}": v for k, v in pref.stats.items()},
+                       "effective_batch_size": effective_batch_size(t),
+                       "trainable_params": M.count_parameters(policy)[0]},
+    )
+    result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
+                 cfg.model.attn_implementation, resume)
+    final = M.save_final(policy, tokenizer, out / "final", cfg.model)
+    return DPOResult(out, Path(final), result.steps, result.loss, result.eval_metrics, policy, tokenizer)
+
+
+def frozen_reference(cfg: DPOConfig, tokenizer, device):
+    """A frozen copy of the starting policy (or of ``dpo.ref_name_or_path``)."""
+    model_cfg = replace(cfg.model, name_or_path=cfg.dpo.ref_name_or_path or cfg.model.name_or_path,
+                        gradient_checkpointing=False, compile=False, freeze_layers=0)
+    model = M.load_model(model_cfg, AdapterConfig(kind="none"), tokenizer, device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def named_metrics(terms: list, beta: float) -> dict:
+    """DPO metrics over a step's micro-batches, with the names the CLI docs promise."""
+    pc, pr, rc, rr = (torch.cat([t[i] for t in terms]) for i in range(4))
+    m = {k: float(v) for k, v in dpo_metrics(pc, pr, rc, rr, beta).items()}
+    return {"accuracy": m["rewards/accuracies"], "margin": m["rewards/margins"],
+            "chosen_reward": m["rewards/chosen"], "rejected_reward": m["rewards/rejected"],
+            "chosen_logps": m["logps/chosen"], "rejected_logps": m["logps/rejected"]}

@@ -1,0 +1,131 @@
+"""Reward-model training on ranked comparisons (InstructGPT step 2).
+
+A scalar head on the decoder scores each response at its last real token. Every micro-batch
+holds whole prompts: all K responses of a prompt, so its K(K-1)/2 pairs are compared in one
+batch, each prompt weighted equally (1 / C(K, 2) per pair). The loop is the shared
+``instructkit.engine.fit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from instructkit import data as D
+from instructkit import models as M
+from instructkit.config import RMConfig, effective_batch_size, save_config, to_dict
+from instructkit.engine import run as R
+from instructkit.engine.fit import Stage, fit
+from instructkit.engine.lm import to_device
+from instructkit.engine.logging import redact
+from instructkit.engine.optim import build_optimizer
+from instructkit.engine.runtime import autocast, resolve_device, seed_everything
+from instructkit.preference_losses import (
+    ranked_pairs, ranked_reward_loss, reward_centering_term, reward_metrics,
+)
+
+
+@dataclass
+class RMResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: float
+    eval_metrics: dict
+    reward_mean: float
+    reward_std: float
+    model: object = None
+    tokenizer: object = None
+
+
+def group_sizes(batch: dict) -> list[int]:
+    return torch.bincount(batch["group"]).tolist()
+
+
+def score_batch(model, batch: dict, device, precision: str) -> torch.Tensor:
+    """Rewards [R] of a collated preference batch (rows: groups in order, best first)."""
+    batch = to_device(batch, device)
+    with autocast(precision, device):
+        return M.reward_scores(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+
+
+def run(cfg: RMConfig, resume: bool = False) -> RMResult:
+    out = Path(cfg.output_dir)
+    R.prepare_output_dir(out, resume)
+    device = resolve_device(cfg.model.device)
+    seed_everything(cfg.train.seed)
+    tokenizer = M.load_tokenizer(cfg.model)
+    pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
+    optimizer = build_optimizer(model, cfg.train, device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
+
+    def plan(epoch: int):  # micro-batches of `micro_batch_size` prompts (groups)
+        return D.plan_preference_batches([len(e.responses) for e in pref.train], t.micro_batch_size,
+                                         seed=t.seed, epoch=epoch)
+
+    def losses(batch: dict):
+        """(per-group ranking losses [G], centering term over pairs, better [P], worse [P])."""
+        rewards = score_batch(model, batch, device, precision)  # [R]
+        sizes = group_sizes(batch)
+        better, worse, _ = ranked_pairs(sizes, device=rewards.device)
+        per_group = ranked_reward_loss(rewards, sizes, cfg.rm.margin or None)  # [G]
+        center = reward_centering_term(rewards[better], rewards[worse])
+        return per_group, center, rewards[better], rewards[worse]
+
+    def backward(planned: list) -> tuple[float, dict]:
+        # Normalise over the whole step's prompts so accumulation equals a bigger batch.
+        n_groups = sum(len(groups) for groups in planned)
+        total, rb, rw = 0.0, [], []
+        for groups in planned:
+            per_group, center, b, w = losses(D.collate_preference(pref.train, groups, pad))
+            loss = per_group.sum() / n_groups + cfg.rm.center_coef * center * len(groups) / n_groups
+            loss.backward()
+            total += float(loss.detach())
+            rb.append(b.detach()), rw.append(w.detach())
+        metrics = {k: float(v) for k, v in reward_metrics(torch.cat(rb), torch.cat(rw)).items()}
+        return total, metrics
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if not pref.val:
+            return {}
+        model.eval()
+        plan_val = D.plan_preference_batches([len(e.responses) for e in pref.val], t.micro_batch_size, seed=0, epoch=0)
+        group_losses, rb, rw = [], [], []
+        for groups in plan_val[: t.eval_max_batches or None]:
+            per_group, _, b, w = losses(D.collate_preference(pref.val, groups, pad))
+            group_losses.append(per_group), rb.append(b), rw.append(w)
+        model.train()
+        metrics = reward_metrics(torch.cat(rb), torch.cat(rw))
+        return {"eval_loss": float(torch.cat(group_losses).mean()), **{f"eval_{k}": float(v) for k, v in metrics.items()}}
+
+    stage = Stage(
+        name="rm", plan=plan, backward=backward, evaluate=evaluate,
+        tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
+        start_metrics={**{f"data_{k}": v for k, v in pref.stats.items()},
+                       "effective_batch_size": effective_batch_size(t),
+                       "trainable_params": M.count_parameters(model)[0]},
+    )
+    result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
+                 cfg.model.attn_implementation, resume)
+    mean, std = reward_statistics(model, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
+    final = M.save_reward_model(model, tokenizer, out / "final", cfg.model, mean, std)
+    return RMResult(out, Path(final), result.steps, result.loss, result.eval_metrics, mean, std, model, tokenizer)
+
+
+@torch.no_grad()
+def reward_statistics(model, examples, pad_id: int, groups_per_batch: int, device, precision: str) -> tuple[float, float]:
+    """Mean and std of the rewards of every response in ``examples`` (PPO normalises with them)."""
+    model.eval()
+    scores = []
+    for start in range(0, len(examples), groups_per_batch):
+        groups = list(range(start, min(start + groups_per_batch, len(examples))))
+        scores.append(score_batch(model, D.collate_preference(examples, groups, pad_id), device, precision))
+    model.train()
+    allr = torch.cat(scores) if scores else torch.zeros(1)
+    return float(allr.mean()), float(allr.std(correction=0))
