@@ -43,7 +43,8 @@ def generate_responses(
                 use_cache=True,  # transformers 5 may inherit use_cache=False from training
             )
             if sampling:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+                # top_k=0 must be explicit: None would fall back to the default of 50
+                kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
             ids = model.generate(**enc, **kwargs)
             new = ids[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

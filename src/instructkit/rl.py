@@ -272,7 +272,7 @@ def penalize_no_eos(
     never clipped away: ``penalize_no_eos(clip_scores(normalize_scores(s, m, sd), c), eos, p)``.
     """
     if not penalty <= 0:
-        raise ValueError(f"the no-EOS penalty is added to the score and must be <= 0, got {penalty}")
+        raise ValueError(f"the no-EOS penalty is added to the score: need <= 0, got {penalty}")
     missing = (~reached_eos.bool()).to(torch.float32)
     return scores.float() + penalty * missing
 

@@ -3,9 +3,9 @@ log-probs and values that ``instructkit.rl`` turns into rewards and advantages.
 
 Layout of a :class:`RolloutBatch` (``B`` rows, ``P`` prompt columns, ``T`` response columns)::
 
-    full_ids  = [ pad pad p0 p1 p2 | r0 r1 EOS pad ]      prompt left-padded, response right-padded
-    full_mask = [  0   0  1  1  1  |  1  1  1   0  ]      response part = response_mask
-    position  = [  0   0  0  1  2  |  3  4  5   5  ]      counted from the mask (RoPE sees no padding)
+    full_ids  = [ pad pad p0 p1 p2 | r0 r1 EOS pad ]   prompt left-, response right-padded
+    full_mask = [  0   0  1  1  1  |  1  1  1   0  ]   response part = response_mask
+    position  = [  0   0  0  1  2  |  3  4  5   5  ]   from the mask (RoPE sees no padding)
 
 The logit that predicts response token ``t`` sits at column ``P - 1 + t`` of ``full_ids`` (the
 last prompt token predicts ``r0``), and so does the value of the state before ``r_t``:
@@ -477,16 +477,17 @@ def response_values(
 ) -> torch.Tensor:
     """:func:`forward_response_values` without gradient, in micro-batches. [B, T] fp32.
     (Put the value model in eval mode first if it has dropout.)"""
-    return torch.cat(
-        [forward_response_values(value_model_fn, mb) for mb in batch.micro_batches(micro_batch_size)]
-    )
+    micro = batch.micro_batches(micro_batch_size)
+    return torch.cat([forward_response_values(value_model_fn, mb) for mb in micro])
 
 
 # --------------------------------------------------------------------------- scores
 
 
 @torch.no_grad()
-def reward_model_scores(model: nn.Module, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+def reward_model_scores(
+    model: nn.Module, batch: RolloutBatch, micro_batch_size: int
+) -> torch.Tensor:
     """Reward model scores of the responses: the head at the last real token of
     ``full_mask`` (the first EOS, or the last sampled token), via
     :func:`instructkit.models.heads.reward_scores`, in micro-batches, eval mode (restored

@@ -49,10 +49,11 @@ def base_state(model):
     return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
 
 
-def test_lora_changes_adapter_only_and_saved_adapter_gives_same_logits(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_adapter_changes_adapter_only_and_saved_adapter_gives_same_logits(tmp_path, kind):
     from instructkit import models as M
 
-    cfg = config(tmp_path, "adapter.kind=lora")
+    cfg = config(tmp_path, f"adapter.kind={kind}")
     torch.manual_seed(0)
     reference = M.build_tiny_model("tiny-llama", seed=cfg.train.seed)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
@@ -179,3 +180,32 @@ def test_shipped_tiny_configs_train(tmp_path, monkeypatch, name):
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) >= 1
     assert result.final_dir.is_dir()
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_diagnosis(tmp_path, monkeypatch):
+    from instructkit.engine import fit as F
+    from instructkit.errors import TrainingDiverged
+
+    real = sft.lm_backward
+    calls = {"n": 0}
+
+    def poisoned(model, micro_batches, *args):
+        calls["n"] += 1
+        loss = real(model, micro_batches, *args)
+        return float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(sft, "lm_backward", poisoned)
+    cfg = config(tmp_path, "adapter.kind=none", "train.max_steps=10", "train.max_nonfinite_steps=3")
+    with pytest.raises(TrainingDiverged, match="3 steps in a row.*learning rate"):
+        sft.run(cfg)
+    steps = [r for r in metrics(cfg.output_dir) if "loss" in r]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 2]
+
+
+def test_sample_generations_are_logged(tmp_path):
+    cfg = config(tmp_path, "adapter.kind=lora", "train.max_steps=2", "log.generation_freq=1",
+                 "log.generation_max_new_tokens=4", "log.tensorboard=true", "log.generation_prompts=[Hello]")
+    sft.run(cfg)
+    rows = [json.loads(l) for l in (Path(cfg.output_dir) / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(1, "Hello"), (2, "Hello")]
+    assert list((Path(cfg.output_dir) / "tensorboard").iterdir())
