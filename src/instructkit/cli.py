@@ -13,13 +13,13 @@ from pathlib import Path
 
 from instructkit.errors import UserError
 
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "ppo")
 
 
 def _config_class(stage: str):
-    from instructkit.config import DPOConfig, RMConfig, SFTConfig
+    from instructkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 
-    return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}[stage]
+    return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}[stage]
 
 
 def _guess_stage(path: str) -> str:

@@ -64,10 +64,11 @@ class AdapterConfig:
 class DataConfig:
     train: str = ""  # a file (.json/.jsonl/.jsonl.gz/.parquet/.csv) or a datasets name
     # SFT formats: alpaca, dolly, self_instruct, messages, sharegpt, oasst, text;
-    # preference formats (rm, dpo): pairs, hh, ranked, oasst.
+    # preference formats (rm, dpo): pairs, hh, ranked, oasst; PPO also reads "prompts"
+    # (a `prompt` field) or takes the prompt part of any of the others.
     format: Literal[
         "auto", "alpaca", "dolly", "self_instruct", "messages", "sharegpt", "oasst", "text",
-        "pairs", "hh", "ranked",
+        "pairs", "hh", "ranked", "prompts",
     ] = "auto"
     split: str = "train"  # split of a datasets name
     fields: dict[str, str] = field(default_factory=dict)  # our name -> the file's name
@@ -205,6 +206,90 @@ class DPOConfig(SFTConfig):
             raise ConfigError("dpo.label_smoothing must be in [0, 0.5)")
         if self.dpo.label_smoothing and self.dpo.loss != "conservative":
             raise ConfigError("dpo.label_smoothing only applies to dpo.loss=conservative")
+
+
+@dataclass
+class RewardSource:
+    # A reward model folder (the final/ of `instructkit rm`), or a Python function
+    # "module:function" called as fn(prompts, responses) -> list[float]; exactly one.
+    name_or_path: str | None = None
+    function: str | None = None
+    normalize: Literal["stored", "running", "none"] = "stored"  # stored: the RM's train mean/std
+    clip: float | None = 5.0  # after normalisation
+    no_eos_penalty: float = 0.0  # added to the score of a response that never reached EOS (<= 0)
+
+
+@dataclass
+class RolloutSection:
+    prompts_per_step: int = 8
+    max_prompt_len: int = 256  # longer prompts keep their end
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    micro_batch_size: int = 8  # for the log-prob, value and reward passes
+
+
+@dataclass
+class PPOSection:
+    epochs: int = 2  # passes over each rollout
+    mini_batch_size: int = 4
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = None  # set for the adaptive controller (Ziegler et al.)
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    value_lr: float | None = None  # default: train.lr
+    value_warmup_steps: int = 0  # PPO steps that update only the value model
+    # Value model for full fine-tuning; default: the reward model. With LoRA the value model
+    # is a second adapter on the policy's base plus a head initialised from the reward model.
+    value_name_or_path: str | None = None
+    offload_frozen: bool = False  # full fine-tuning: frozen models to CPU while training
+    ptx_coef: float = 0.0  # InstructGPT's pretraining-loss mix
+    ptx_data: str | None = None  # an SFT data file for it (any SFT format)
+
+
+@dataclass
+class PPOConfig:
+    output_dir: str = "runs/ppo"
+    preset: str | None = None
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    reward: RewardSource = field(default_factory=RewardSource)
+    data: DataConfig = field(default_factory=DataConfig)  # the prompts
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    ppo: PPOSection = field(default_factory=PPOSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, max_grad_norm=1.0))
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def check(self, world_size: int = 1) -> None:
+        check_train(self.train, world_size)
+        if not self.data.train:
+            raise ConfigError("data.train is empty: set it to a file of prompts (or preference pairs)")
+        if (self.reward.name_or_path is None) == (self.reward.function is None):
+            raise ConfigError(
+                "set exactly one of reward.name_or_path (a reward model) and reward.function "
+                "(module:function)"
+            )
+        if self.reward.no_eos_penalty > 0:
+            raise ConfigError("reward.no_eos_penalty must be <= 0 (it is added to the score)")
+        if self.reward.function and self.reward.normalize == "stored":
+            self.reward.normalize = "none"  # a function has no stored statistics
+        if self.ppo.mini_batch_size > self.rollout.prompts_per_step:
+            raise ConfigError(
+                f"ppo.mini_batch_size={self.ppo.mini_batch_size} is larger than "
+                f"rollout.prompts_per_step={self.rollout.prompts_per_step}"
+            )
+        if self.rollout.temperature <= 0:
+            raise ConfigError("rollout.temperature must be > 0 (PPO needs sampling)")
+        if self.ppo.ptx_coef and not self.ppo.ptx_data:
+            raise ConfigError("ppo.ptx_coef is set but ppo.ptx_data is not: name an SFT data file")
 
 
 def check_train(t: TrainConfig, world_size: int = 1) -> None:

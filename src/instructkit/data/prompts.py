@@ -1,0 +1,70 @@
+"""Prompts for rollouts (PPO) and evaluation: from a prompt-only file, the prompt part of
+preference data, or the conversations of SFT data without their last answer."""
+
+from __future__ import annotations
+
+from instructkit.config import DataConfig
+from instructkit.data.formats import detect_format, to_conversations
+from instructkit.data.preference import (
+    PREFERENCE_FORMATS, detect_preference_format, to_preference_groups,
+)
+from instructkit.data.readers import as_text, load_records
+from instructkit.data.templates import build_prompt_ids
+from instructkit.errors import DataError
+
+
+def prompt_conversations(records: list[dict], cfg: DataConfig, source: str) -> list[list[dict]]:
+    """Each record's prompt as a conversation ending with a user turn."""
+    if not records:
+        return []
+    key = cfg.fields.get("prompt", "prompt")
+    first = records[0]
+    fmt = cfg.format
+    if fmt == "auto" and isinstance(first.get(key), str) and not {"chosen", "responses"} & set(first):
+        fmt = "prompts"
+    if fmt == "prompts":
+        out = []
+        for i, r in enumerate(records, 1):
+            if key not in r:
+                raise DataError(f"{source}, record {i}: no field {key!r} (fields found: {', '.join(r)}); "
+                                "set data.fields={prompt: <your field>}")
+            out.append([{"role": "user", "content": as_text(r[key])}])
+        return out
+    if fmt in PREFERENCE_FORMATS or (fmt == "auto" and _is_preference(first, cfg, source)):
+        groups = to_preference_groups(records, fmt if fmt != "auto" else "auto", cfg.fields, source)
+        return [g.prompt for g in groups]
+    convs = to_conversations(records, fmt, cfg.fields, source)
+    out = []
+    for conv in convs:  # drop the final answer: the policy writes its own
+        while conv and conv[-1]["role"] == "assistant":
+            conv = conv[:-1]
+        if conv and conv[-1]["role"] == "user":
+            out.append(conv)
+    return out
+
+
+def _is_preference(record: dict, cfg: DataConfig, source: str) -> bool:
+    try:
+        detect_preference_format(record, cfg.fields, source)
+        return True
+    except DataError:
+        detect_format(record, cfg.fields, source)  # raises the SFT message if neither fits
+        return False
+
+
+def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int) -> list[tuple[str, list[int]]]:
+    """(prompt text, token ids ready for generation) for every prompt of ``cfg.train``;
+    prompts longer than ``max_prompt_len`` keep their end (the part next to the answer)."""
+    records = load_records(cfg.train, cfg.split, cfg.max_examples)
+    out, seen = [], set()
+    for conv in prompt_conversations(records, cfg, cfg.train):
+        ids = build_prompt_ids(conv, tokenizer, cfg.template, cfg.system_prompt)
+        text = conv[-1]["content"]
+        key = tuple(ids)
+        if key in seen:  # preference files repeat a prompt once per pair
+            continue
+        seen.add(key)
+        out.append((text, ids[-max_prompt_len:]))
+    if not out:
+        raise DataError(f"{cfg.train}: no prompts found (format {cfg.format}); check data.format and data.fields")
+    return out

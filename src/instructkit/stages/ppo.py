@@ -1,0 +1,408 @@
+"""RLHF with PPO (InstructGPT step 3): policy, value model, frozen reward, frozen reference.
+
+Each PPO step: sample responses to a batch of prompts (KV cache), score them, compute the
+old and reference log-probs and the values, turn scores and per-token KL into rewards,
+GAE advantages, then a few epochs of clipped policy and value updates over mini-batches.
+The maths are pure functions in ``instructkit.rl``; sampling and the log-prob / value /
+score passes are ``instructkit.rollout``.
+
+Two memory layouts:
+  shared base (adapter.kind lora/dora/qlora): ONE copy of the base weights. The policy is
+    adapter "default", the reference is the base with adapters switched off, the value model
+    is adapter "value" plus a scalar head initialised from the reward model's head.
+  separate models (adapter.kind none): a trainable policy, a frozen reference copy, a
+    trainable value model (from the reward model), with ``ppo.offload_frozen`` moving the
+    frozen models to CPU while training.
+The reward model is always separate (or a Python function).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from instructkit import models as M
+from instructkit import rl
+from instructkit import rollout as RO
+from instructkit.config import AdapterConfig, PPOConfig, save_config, to_dict
+from instructkit.data.prompts import load_prompts
+from instructkit.engine import run as R
+from instructkit.engine.batches import BatchStream
+from instructkit.engine.logging import MetricsLogger, ProgressBar, redact
+from instructkit.engine.optim import lr_at
+from instructkit.engine.runtime import autocast, peak_memory_gb, resolve_device, seed_everything
+from instructkit.engine.step import NonFiniteGuard, optimizer_step
+from instructkit.errors import UserError
+
+
+@dataclass
+class PPOResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    last_metrics: dict
+    models: object = None  # the Actors, in memory (tests, pipeline)
+
+
+# --------------------------------------------------------------------------- the four roles
+
+
+class Actors:
+    """Policy, reference, value and reward, in one of the two layouts.
+
+    ``trainable`` is the module whose parameters the optimizer and checkpoints hold.
+    """
+
+    def __init__(self, cfg: PPOConfig, tokenizer, device):
+        self.cfg, self.device = cfg, device
+        self.shared = cfg.adapter.kind != "none"
+        self.policy = M.load_model(cfg.policy, cfg.adapter, tokenizer, device)
+        self.reward_model = None
+        if cfg.reward.name_or_path:
+            self.reward_model = load_frozen_reward(cfg, device)
+            check_same_vocab(self.reward_model, self.policy, cfg.reward.name_or_path)
+        if self.shared:
+            self.policy.add_adapter("value", copy.deepcopy(self.policy.peft_config["default"]))
+            self.value_head = value_head_like(self.policy, self.reward_model).to(device)
+            self.ref_copy = None
+            self.value_model = None
+            self.trainable = nn.ModuleDict({"policy": self.policy, "value_head": self.value_head})
+            self.use("default")
+        else:
+            self.ref_copy = frozen_copy(cfg, tokenizer, device)
+            value_path = cfg.ppo.value_name_or_path or cfg.reward.name_or_path
+            if value_path is None:
+                raise UserError("with adapter.kind=none and a reward function, set ppo.value_name_or_path "
+                                "(a model to initialise the value model from)")
+            value_cfg = replace(cfg.policy, name_or_path=value_path)
+            self.value_model = M.load_reward_model(value_cfg, AdapterConfig(kind="none"), tokenizer, device)
+            self.trainable = nn.ModuleDict({"policy": self.policy, "value": self.value_model})
+
+    # -- adapters (shared layout) -------------------------------------------------------
+    def use(self, name: str) -> None:
+        """Make adapter ``name`` the active one, keeping BOTH adapters trainable (peft's
+        set_adapter freezes the inactive one; the optimizer and checkpoints hold both)."""
+        self.policy.set_adapter(name)
+        for n, p in self.policy.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference: the base with adapters off, or the frozen copy."""
+        if self.shared:
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            yield self.ref_copy
+
+    def values_fn(self, ids, mask, pos) -> torch.Tensor:
+        """Per-position values [B, L]."""
+        if not self.shared:
+            return RO.token_values(self.value_model, ids, mask, pos)
+        self.use("value")
+        try:
+            hidden = self.policy.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                               use_cache=False).last_hidden_state
+            return self.value_head(hidden).squeeze(-1).float()
+        finally:
+            self.use("default")
+
+    def frozen_to(self, device) -> None:
+        for m in (self.ref_copy, self.reward_model):
+            if m is not None:
+                m.to(device)
+
+
+def load_frozen_reward(cfg: PPOConfig, device):
+    model_cfg = replace(cfg.policy, name_or_path=cfg.reward.name_or_path, tokenizer=None,
+                        gradient_checkpointing=False, compile=False, freeze_layers=0)
+    tok = M.load_tokenizer(model_cfg)
+    model = M.load_reward_model(model_cfg, AdapterConfig(kind="none"), tok, device)
+    return model.eval().requires_grad_(False)
+
+
+def frozen_copy(cfg: PPOConfig, tokenizer, device):
+    model_cfg = replace(cfg.policy, gradient_checkpointing=False, compile=False, freeze_layers=0)
+    return M.load_model(model_cfg, AdapterConfig(kind="none"), tokenizer, device).eval().requires_grad_(False)
+
+
+def check_same_vocab(reward_model, policy, path: str) -> None:
+    a = reward_model.get_input_embeddings().weight.shape[0]
+    b = policy.get_input_embeddings().weight.shape[0]
+    if a != b:
+        raise UserError(f"reward.name_or_path={path}: its vocabulary ({a}) differs from the policy's ({b}); "
+                        "train the reward model from the same base as the policy")
+
+
+def value_head_like(policy, reward_model) -> nn.Linear:
+    """A scalar head on the policy's hidden size, initialised from the reward model's head
+    when the sizes match (InstructGPT initialises the value model from the reward model)."""
+    hidden = policy.get_input_embeddings().weight.shape[1]
+    head = nn.Linear(hidden, 1, bias=False)
+    nn.init.zeros_(head.weight)
+    if reward_model is not None:
+        w = M.score_head(reward_model).weight
+        if w.shape == head.weight.shape:
+            with torch.no_grad():
+                head.weight.copy_(w.float())
+    return head
+
+
+# --------------------------------------------------------------------------- one rollout
+
+
+@torch.no_grad()
+def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef: float,
+                    moments: rl.RunningMoments, reward_stats, reward_fn):
+    """Sample, score and turn into advantages.
+
+    Returns (experience tensors for the update, metrics, the rollout batch, raw scores [B]).
+    """
+    ro, device, precision = cfg.rollout, actors.device, cfg.policy.precision
+    times = {}
+    t0 = time.perf_counter()
+    with autocast(precision, device):
+        batch = RO.sample(actors.policy, tokenizer, [ids for _, ids in prompts], prompts=[t for t, _ in prompts],
+                          max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                          top_k=ro.top_k, batch_size=ro.micro_batch_size)
+    batch = batch.to(device)
+    times["time_generate"] = time.perf_counter() - t0
+    gen_tokens = int(batch.response_mask.sum())
+    t0 = time.perf_counter()
+    with autocast(precision, device):
+        raw = (RO.reward_model_scores(actors.reward_model, batch, ro.micro_batch_size)
+               if actors.reward_model is not None else RO.function_scores(reward_fn, batch)).float()
+        old_logp = RO.response_logprobs(actors.policy, batch, ro.micro_batch_size, ro.temperature)
+        with actors.reference() as ref:
+            ref_logp = RO.response_logprobs(ref, batch, ro.micro_batch_size, ro.temperature)
+        actors.trainable.eval()
+        values = RO.response_values(actors.values_fn, batch, ro.micro_batch_size)
+        actors.trainable.train()
+    times["time_score"] = time.perf_counter() - t0
+
+    mask = batch.response_mask.float()  # [B, T]
+    scores = raw
+    if cfg.reward.normalize == "stored":
+        scores = rl.normalize_scores(scores, *reward_stats)
+    elif cfg.reward.normalize == "running":
+        moments.update(raw)
+        scores = rl.normalize_scores(scores, moments.mean, moments.std)
+    scores = rl.clip_scores(scores, cfg.reward.clip)
+    scores = rl.penalize_no_eos(scores, batch.reached_eos, cfg.reward.no_eos_penalty)
+    kl = rl.KL_ESTIMATORS[cfg.ppo.kl_estimator](old_logp, ref_logp) * mask  # [B, T]
+    rewards = rl.per_token_rewards(scores, kl, kl_coef, mask)
+    advantages, returns = rl.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    if cfg.ppo.whiten_advantages:
+        advantages = rl.masked_whiten(advantages, mask)
+    exp = {"old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns, "mask": mask}
+    metrics = {k: float(v) for k, v in rl.rollout_metrics(kl, mask, batch.reached_eos, scores).items()}
+    metrics.update(reward_mean=float(raw.mean()), reward_std=float(raw.std(correction=0)), **times,
+                   gen_tokens_per_s=gen_tokens / max(times["time_generate"], 1e-9),
+                   response_len=metrics.pop("response_length"))
+    return exp, metrics, batch, raw
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
+    out = Path(cfg.output_dir)
+    R.prepare_output_dir(out, resume)
+    device = resolve_device(cfg.policy.device)
+    seed_everything(cfg.train.seed)
+    tokenizer = M.load_tokenizer(cfg.policy)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_len)
+    reward_fn = RO.load_reward_function(cfg.reward.function) if cfg.reward.function else None
+    actors = Actors(cfg, tokenizer, device)
+    reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalize == "stored" else (0.0, 1.0))
+    optimizer = build_ppo_optimizer(actors, cfg, device)
+    ptx = PtxSource(cfg, tokenizer, device) if cfg.ppo.ptx_coef else None
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t, p = cfg.train, cfg.ppo
+
+    def plan(epoch: int):  # batches of prompt indices, a seeded shuffle per epoch
+        g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        n = cfg.rollout.prompts_per_step
+        return [order[i:i + n] for i in range(0, len(order) - n + 1, n)] or [order]
+
+    total = t.max_steps or max(1, int(t.epochs * len(plan(0))))
+    stream = BatchStream(plan)
+    guard = NonFiniteGuard(t.max_nonfinite_steps, cfg.policy.precision, cfg.policy.attn_implementation, t.lr)
+    kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
+              else rl.FixedKLController(p.kl_coef))
+    moments = rl.RunningMoments()
+    start, loop, _ = (R.restore(out, actors.trainable, optimizer, stream, guard) if resume
+                      else (0, R.new_loop_state(), {}))
+    if "kl_ctl" in loop:
+        kl_ctl.load_state_dict(loop["kl_ctl"]), moments.load_state_dict(loop["moments"])
+        if ptx is not None:
+            ptx.stream.load_state_dict(loop["ptx_stream"])
+    logger = MetricsLogger(out, cfg.log, redact(to_dict(cfg)), resume_step=start if resume else None)
+    logger.log(start, {"event": "start", "total_steps": total, "n_prompts": len(prompts),
+                       "layout": "shared_base" if actors.shared else "separate",
+                       "trainable_params": M.count_parameters(actors.trainable)[0]})
+    bar = ProgressBar(total, start, cfg.log.progress, "ppo")
+    metrics: dict = {}
+    step = start
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, replace(t, lr=group["base_lr"], min_lr=t.min_lr * group["base_lr"] / t.lr))
+        batch_prompts = [prompts[i] for i in stream.next()]
+        exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
+                                                   reward_stats, reward_fn)
+        if cfg.ppo.offload_frozen:
+            actors.frozen_to("cpu")
+        t0 = time.perf_counter()
+        update_metrics = ppo_update(actors, optimizer, exp, batch, cfg, guard, step, ptx,
+                                    policy_on=step >= p.value_warmup_steps)
+        metrics.update(update_metrics, time_train=time.perf_counter() - t0)
+        if cfg.ppo.offload_frozen:
+            actors.frozen_to(device)
+        kl_ctl.update(metrics["kl"], len(batch))
+        step += 1
+        metrics.update(kl_coef=kl_ctl.value, lr=optimizer.param_groups[0]["lr"], skipped_steps=guard.total,
+                       peak_mem_gb=peak_memory_gb(device),
+                       explained_variance=rl.explained_variance(exp["values"], exp["returns"], exp["mask"]))
+        logger.log(step, metrics)
+        write_samples(out, logger, step, batch, raw, cfg.log.every)
+        bar.update(step, reward=metrics["reward_mean"], kl=metrics["kl"])
+        loop.update(kl_ctl=kl_ctl.state_dict(), moments=moments.state_dict())
+        if ptx is not None:
+            loop["ptx_stream"] = ptx.stream.state_dict()
+        if R.due(step, t.save_every):
+            R.save(out, step, actors.trainable, optimizer, loop, stream, guard, t.keep_last)
+    bar.close()
+    final = save_ppo_final(actors, tokenizer, cfg, out / "final")
+    logger.log(step, {"event": "end"})
+    logger.close()
+    return PPOResult(out, final, step, metrics, actors)
+
+
+def build_ppo_optimizer(actors: Actors, cfg: PPOConfig, device):
+    """One AdamW with a policy group and a value group (separate learning rates)."""
+    if actors.shared:
+        policy = [p for n, p in actors.policy.named_parameters() if "lora_" in n and ".value." not in n]
+        value = [p for n, p in actors.policy.named_parameters() if "lora_" in n and ".value." in n]
+        value += list(actors.value_head.parameters())
+    else:
+        policy = [p for p in actors.policy.parameters() if p.requires_grad]
+        value = [p for p in actors.value_model.parameters() if p.requires_grad]
+    value_lr = cfg.ppo.value_lr or cfg.train.lr
+    groups = [{"params": policy, "lr": cfg.train.lr, "base_lr": cfg.train.lr, "name": "policy"},
+              {"params": value, "lr": value_lr, "base_lr": value_lr, "name": "value"}]
+    return torch.optim.AdamW(groups, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
+                             weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+
+
+def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg: PPOConfig,
+               guard: NonFiniteGuard, step: int, ptx, policy_on: bool) -> dict:
+    """PPO epochs over the rollout in shuffled mini-batches; returns mean statistics."""
+    p, device, precision = cfg.ppo, actors.device, cfg.policy.precision
+    stats: dict[str, list[float]] = {}
+    n = len(batch)
+    # Dropout off: the first epoch's ratio must be exactly 1, as the clipped objective assumes.
+    actors.trainable.eval()
+    for _ in range(p.epochs):
+        for rows in torch.randperm(n).split(p.mini_batch_size):
+            mb = batch.select(rows)
+            e = {k: v[rows.to(v.device)] for k, v in exp.items()}
+            with autocast(precision, device):
+                logp, entropy = RO.forward_response_logprobs(actors.policy, mb, cfg.rollout.temperature,
+                                                             with_entropy=True)
+                pg_loss, pg_stats = rl.policy_loss_clipped(logp, e["old_logp"], e["advantages"], e["mask"], p.clip)
+                values = RO.forward_response_values(actors.values_fn, mb)
+                vf_loss, vf_stats = rl.value_loss_clipped(values, e["values"], e["returns"], e["mask"], p.value_clip)
+                loss = p.vf_coef * vf_loss
+                if policy_on:
+                    loss = loss + pg_loss + rl.entropy_bonus(entropy, e["mask"], p.entropy_coef)
+                    if ptx is not None:
+                        ptx_loss = ptx.loss(actors.policy)
+                        loss = loss + p.ptx_coef * ptx_loss
+                        stats.setdefault("ptx_loss", []).append(float(ptx_loss))
+            loss.backward()
+            norms = clip_groups(optimizer, cfg.train.max_grad_norm)
+            optimizer_step(actors.trainable, optimizer, None, guard, float(loss.detach()), step)
+            for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats,
+                         "entropy": rl.masked_mean(entropy.detach(), e["mask"]), **norms}.items():
+                stats.setdefault(k, []).append(float(v))
+    actors.trainable.train()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def clip_groups(optimizer, max_norm: float | None) -> dict:
+    """Clip the policy's and the value model's gradients separately (their scales differ)."""
+    out = {}
+    for g in optimizer.param_groups:
+        params = [q for q in g["params"] if q.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+            out[f"grad_norm_{g['name']}"] = float(norm)
+    return out
+
+
+class PtxSource:
+    """InstructGPT's pretraining mix: an SFT batch's LM loss added to the policy loss."""
+
+    def __init__(self, cfg: PPOConfig, tokenizer, device):
+        from instructkit import data as D
+
+        data_cfg = replace(cfg.data, train=cfg.ppo.ptx_data, format="auto", val_fraction=0.0, golden=None,
+                           validation=None)
+        self.examples = D.build_sft_data(data_cfg, tokenizer, seed=cfg.train.seed).train
+        lengths = [len(e["input_ids"]) for e in self.examples]
+        self.stream = BatchStream(lambda epoch: D.plan_micro_batches(
+            lengths, cfg.ppo.mini_batch_size, data_cfg.max_seq_len, data_cfg.packing, data_cfg.group_by_length,
+            seed=cfg.train.seed, epoch=epoch))
+        self.collate = functools.partial(D.collate, pad_id=tokenizer.pad_token_id,
+                                         attn_implementation=cfg.policy.attn_implementation)
+        self.device = device
+
+    def loss(self, policy) -> torch.Tensor:
+        from instructkit.engine.lm import lm_loss_sum, to_device
+
+        batch = to_device(self.collate(self.examples, self.stream.next()), self.device)
+        total, n = lm_loss_sum(policy, batch)
+        return total / max(n, 1)
+
+
+def write_samples(out: Path, logger: MetricsLogger, step: int, batch: RO.RolloutBatch, raw, every: int, k: int = 4):
+    rows = [{"step": step, "prompt": p, "response": r, "reward": float(s)}
+            for p, r, s in list(zip(batch.prompts, batch.responses, raw.tolist()))[:k]]
+    with open(out / "samples.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if R.due(step, every):
+        logger.text(step, "samples", "\n\n".join(f"**{r['prompt']}**\n\n{r['response']}\n\n(reward {r['reward']:.3f})"
+                                                 for r in rows))
+
+
+def save_ppo_final(actors: Actors, tokenizer, cfg: PPOConfig, final: Path) -> Path:
+    """final/ = the policy (adapter or model, loadable like an SFT result); final/value/ = the
+    value model (the value adapter + value_head.safetensors, or a sequence-classification model)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tmp_value = final.with_name(final.name + ".value.tmp")
+    shutil.rmtree(tmp_value, ignore_errors=True)
+    if actors.shared:
+        actors.policy.save_pretrained(str(tmp_value), selected_adapters=["value"], save_embedding_layers=False)
+        save_file({"weight": actors.value_head.weight.detach().cpu().contiguous()}, tmp_value / "value_head.safetensors")
+        actors.policy.delete_adapter("value")
+        actors.policy.set_adapter("default")
+    else:
+        mean_std = (0.0, 1.0)
+        M.save_reward_model(actors.value_model, tokenizer, tmp_value, cfg.policy, *mean_std)
+    final = Path(M.save_final(actors.policy, tokenizer, final, cfg.policy))
+    tmp_value.rename(final / "value")
+    return final
