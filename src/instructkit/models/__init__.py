@@ -17,6 +17,7 @@ from instructkit.models.heads import (
     load_reward_stats,
     reward_scores,
     save_reward_model,
+    score_head,
 )
 from instructkit.models.load import (
     compile_layers,
@@ -38,6 +39,7 @@ from instructkit.models.tiny import TINY_PRESETS, build_tiny_model, is_tiny_pres
 from instructkit.models.tokenizer import fix_pad_token, load_tokenizer, set_chat_template
 
 __all__ = [
+    "score_head",
     "NUM_PADDING_AT_BEGINNING_MESSAGE",
     "TINY_PRESETS",
     "Source",

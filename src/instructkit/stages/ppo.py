@@ -335,7 +335,7 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
             optimizer_step(actors.trainable, optimizer, None, guard, float(loss.detach()), step)
             for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats,
                          "entropy": rl.masked_mean(entropy.detach(), e["mask"]), **norms}.items():
-                stats.setdefault(k, []).append(float(v))
+                stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
     actors.trainable.train()
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
