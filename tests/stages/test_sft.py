@@ -196,7 +196,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_diagnosis(tmp_path, monkeypa
 
     monkeypatch.setattr(sft, "lm_backward", poisoned)
     cfg = config(tmp_path, "adapter.kind=none", "train.max_steps=10", "train.max_nonfinite_steps=3")
-    with pytest.raises(TrainingDiverged, match="3 steps in a row.*learning rate"):
+    with pytest.raises(TrainingDiverged, match="(?s)3 steps in a row.*learning rate"):
         sft.run(cfg)
     steps = [r for r in metrics(cfg.output_dir) if "loss" in r]
     assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 2]
