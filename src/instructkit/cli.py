@@ -16,15 +16,22 @@ from instructkit.errors import UserError
 STAGES = ("sft", "rm", "dpo", "ppo")
 
 
+SCHEMAS = STAGES + ("eval",)
+
+
 def _config_class(stage: str):
     from instructkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 
+    if stage == "eval":
+        from instructkit.evaluate.config import EvalConfig
+
+        return EvalConfig
     return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}[stage]
 
 
 def _guess_stage(path: str) -> str:
     name = Path(path).name
-    for stage in STAGES:
+    for stage in SCHEMAS:
         if name.startswith(stage):
             return stage
     return "sft"
@@ -93,6 +100,81 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _output(args, default: str | None = None) -> str:
+    """The ``output=PATH`` argument (the issue's CLI style), or --output."""
+    for item in args.rest:
+        if item.startswith("output="):
+            return item.split("=", 1)[1]
+        raise UserError(f"unexpected argument {item!r}; expected output=PATH")
+    if getattr(args, "output", None):
+        return args.output
+    if default is None:
+        raise UserError("give output=PATH")
+    return default
+
+
+def cmd_eval(args) -> int:
+    from instructkit.config import load_config
+    from instructkit.evaluate.config import EvalConfig
+    from instructkit.evaluate.run import markdown_table, run
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    print(markdown_table(run(cfg)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from instructkit.export.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, _output(args), dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.format != "gguf":
+        raise UserError(f"--format {args.format!r}: supported formats: gguf (a merged or full model "
+                        "folder is already Hugging Face safetensors; use `instructkit merge` for adapters)")
+    from instructkit.export.gguf import export_gguf
+
+    out = export_gguf(args.model, _output(args), dtype=args.dtype)
+    print(f"GGUF ({args.dtype}) written to {out}")
+    return 0
+
+
+def cmd_package(args) -> int:
+    from instructkit.export.package import package_model
+
+    out = package_model(args.model, _output(args, "dist"), name=args.name)
+    print(f"archive written to {out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from instructkit.export.package import verify_archive
+
+    verify_archive(args.archive)  # raises with the list of bad files
+    print(f"{args.archive}: ok, every file matches its sha256")
+    return 0
+
+
+def cmd_convert_meta(args) -> int:
+    from instructkit.export.meta import convert_meta_checkpoint
+
+    out = convert_meta_checkpoint(args.meta_dir, _output(args), llama_version=args.llama_version,
+                                  dtype=args.dtype)
+    print(f"Hugging Face model written to {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from instructkit.evaluate.chat import chat
+
+    chat(args.model, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, top_p=args.top_p, device=args.device, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructkit", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -109,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without running it")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--stage", choices=STAGES, help="schema to check against (default: from the file name)")
+    p.add_argument("--stage", choices=SCHEMAS, help="schema to check against (default: from the file name)")
     p.add_argument("--show", action="store_true", help="print the resolved config")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_validate)
@@ -128,6 +210,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity, reward accuracy, samples, LLM-as-judge scores")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. model=runs/ppo/final")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold a LoRA/DoRA adapter into its base")
+    p.add_argument("adapter")
+    p.add_argument("rest", nargs="*", metavar="output=PATH")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export a model folder (GGUF)")
+    p.add_argument("model")
+    p.add_argument("rest", nargs="*", metavar="output=PATH")
+    p.add_argument("--format", default="gguf")
+    p.add_argument("--dtype", default="f16", help="f32, f16, bf16 or q8_0")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("package", help="tar.gz with metadata, model card and requirements")
+    p.add_argument("model")
+    p.add_argument("rest", nargs="*", metavar="output=DIR")
+    p.add_argument("--name")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("verify", help="check the sha256 of every file in a package archive")
+    p.add_argument("archive")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("convert-meta", help="Meta's original Llama 2/3 checkpoint to a Hugging Face folder")
+    p.add_argument("meta_dir")
+    p.add_argument("rest", nargs="*", metavar="output=PATH")
+    p.add_argument("--llama-version", default=None)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_convert_meta)
+
+    p = sub.add_parser("chat", help="interactive chat with streaming output (/reset, /exit)")
+    p.add_argument("model")
+    p.add_argument("--system")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -161,7 +161,7 @@ class SFTConfig:
 class RewardSection:
     margin: float = 0.0  # required gap r_better - r_worse, added inside the sigmoid
     center_coef: float = 0.0  # weight of the reward-centering term mean((r_b + r_w)^2)
-    stats_max_groups: int = 2000  # training groups scored at the end for the stored mean/std
+    stats_max_groups: int = 512  # training groups scored at the end for the stored mean/std
     # Accepted for DeepSpeed-Chat scripts; only 0 (or unset) is valid, see RMConfig.check.
     num_padding_at_beginning: int | None = None
 

@@ -49,7 +49,8 @@ def test_lora_reward_model_beats_chance_on_hh_validation(tmp_path):
     cfg = load_config(RMConfig, REPO / "configs/rm_smollm2.yaml", [
         f"output_dir={tmp_path / 'rm'}", f"data.train={HH}", "data.max_seq_len=128", "data.val_max=200",
         "train.max_steps=50", "train.micro_batch_size=8", "train.grad_accum=1", "train.lr=1e-3",
-        "train.eval_every=50", "train.eval_at_start=false", "train.save_every=0", "log.progress=false"])
+        "train.eval_every=50", "train.eval_at_start=false", "train.save_every=0", "log.progress=false",
+        "rm.stats_max_groups=64"])
     result = rm.run(cfg)
     acc = result.eval_metrics["eval_accuracy"]
     assert acc > 0.56, result.eval_metrics

@@ -1,0 +1,194 @@
+"""`instructkit chat MODEL`: an interactive session with a model.
+
+Each line read is a user turn; the whole conversation so far goes through the model's chat
+template (the same rendering as in training; Alpaca for a tokenizer without one) and the
+answer is streamed token by token. ``/reset`` clears the history, ``/exit`` (or end of input)
+quits. The oldest turns are dropped when the conversation outgrows the model's context.
+
+Also runs as ``python -m instructkit.evaluate.chat MODEL`` (reads stdin, so it can be piped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from instructkit.errors import UserError
+
+COMMANDS = "/reset clears the history, /exit quits"
+
+
+def _streamer(tokenizer, out: TextIO):
+    from transformers import TextStreamer
+
+    class StreamTo(TextStreamer):
+        """Writes finished pieces of text to ``out`` as they are decoded."""
+
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:  # the answer as stored: no leading whitespace
+                text = text.lstrip()
+                self.started = bool(text)
+            out.write(text)
+            if stream_end:
+                out.write("\n")
+            out.flush()
+
+    return StreamTo(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
+    if interactive and stdin is sys.stdin:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+    if interactive:
+        stdout.write("you> ")
+        stdout.flush()
+    line = stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")
+
+
+def _fit(history: list[dict], ids_of, limit: int | None) -> list[int]:
+    """Prompt ids of ``history``, dropping the oldest exchanges (a system message stays) until
+    the prompt fits ``limit`` tokens; an over-long single turn keeps its end."""
+    ids = ids_of(history)
+    while limit is not None and len(ids) > limit:
+        first = 1 if history and history[0]["role"] == "system" else 0
+        if len(history) - first <= 1:
+            return ids[-limit:]
+        del history[first : first + 2]  # the oldest user turn and its answer
+        ids = ids_of(history)
+    return ids
+
+
+def chat(
+    model_path: str | None = None,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    device: str = "auto",
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    template: str = "auto",
+    model=None,
+    tokenizer=None,
+    seed: int | None = None,
+) -> list[dict]:
+    """Run a chat session reading user lines from ``stdin`` and streaming answers to
+    ``stdout`` (default: the process's). Give ``model_path`` (any path ``generate`` takes) or
+    a loaded ``model`` and ``tokenizer``. Returns the conversation at the end (after the last
+    ``/reset``): ``[{"role", "content"}]``."""
+    import torch
+
+    from instructkit.data import build_prompt_ids
+    from instructkit.data.templates import resolve_template
+    from instructkit.generate import _stop_ids
+
+    stdin = stdin if stdin is not None else sys.stdin
+    stdout = stdout if stdout is not None else sys.stdout
+    if model is None:
+        if not model_path:
+            raise UserError("chat: give a model (a final/ folder, HF folder, hub id, .gguf or tiny preset)")
+        from instructkit.models import load_for_inference
+
+        model, tokenizer = load_for_inference(model_path, device=device)
+    if max_new_tokens <= 0:
+        raise UserError("chat: --max-new-tokens must be > 0")
+    if temperature < 0:
+        raise UserError("chat: --temperature must be >= 0 (0: greedy)")
+    if seed is not None:
+        torch.manual_seed(seed)
+    template = resolve_template(template, tokenizer)
+    interactive = bool(getattr(stdin, "isatty", lambda: False)())
+    dev = next(model.parameters()).device
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = max(ctx - max_new_tokens, 1) if ctx else None
+    eos = _stop_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    base = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    history: list[dict] = list(base)
+    if interactive:
+        stdout.write(f"chat with {model_path or type(model).__name__} ({COMMANDS})\n")
+        stdout.flush()
+
+    def ids_of(conv):
+        return build_prompt_ids(conv, tokenizer, template)
+
+    while True:
+        line = _read_line(stdin, stdout, interactive)
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(base)
+            stdout.write("(history cleared)\n")
+            stdout.flush()
+            continue
+        if text.startswith("/") and " " not in text:
+            stdout.write(f"(unknown command {text}; {COMMANDS})\n")
+            stdout.flush()
+            continue
+        history.append({"role": "user", "content": text})
+        ids = _fit(history, ids_of, limit)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad,
+                      eos_token_id=eos, use_cache=True, streamer=_streamer(tokenizer, stdout))
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        if interactive:
+            stdout.write("assistant> ")
+            stdout.flush()
+        try:
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids,
+                                     attention_mask=torch.ones_like(input_ids), **kwargs)
+        except KeyboardInterrupt:
+            history.pop()
+            stdout.write("\n(interrupted)\n")
+            stdout.flush()
+            continue
+        answer = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+        history.append({"role": "assistant", "content": answer})
+    return history
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="instructkit chat", description="chat with a model")
+    p.add_argument("model", help="a final/ folder, HF folder, hub id, .gguf file or tiny preset")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        chat(args.model, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_p=args.top_p, device=args.device, seed=args.seed)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"instructkit chat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
