@@ -13,10 +13,10 @@ from pathlib import Path
 
 from instructkit.errors import UserError
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "pretrain")
 
 
-SCHEMAS = STAGES + ("eval",)
+SCHEMAS = STAGES + ("eval", "pipeline")
 
 
 def _config_class(stage: str):
@@ -26,6 +26,10 @@ def _config_class(stage: str):
         from instructkit.evaluate.config import EvalConfig
 
         return EvalConfig
+    if stage == "pretrain":
+        from instructkit.config import PretrainConfig
+
+        return PretrainConfig
     return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}[stage]
 
 
@@ -53,7 +57,12 @@ def cmd_validate(args) -> int:
     from instructkit.config import load_config, to_dict
 
     stage = args.stage or _guess_stage(args.config)
-    cfg = load_config(_config_class(stage), args.config, args.overrides)
+    if stage == "pipeline":
+        from instructkit.pipeline import load_pipeline_config
+
+        cfg = load_pipeline_config(args.config, args.overrides)
+    else:
+        cfg = load_config(_config_class(stage), args.config, args.overrides)
     print(f"{args.config}: valid {stage} config")
     if args.show:
         import yaml
@@ -111,6 +120,23 @@ def _output(args, default: str | None = None) -> str:
     if default is None:
         raise UserError("give output=PATH")
     return default
+
+
+def cmd_pipeline(args) -> int:
+    from instructkit.pipeline import load_pipeline_config, run
+
+    cfg = load_pipeline_config(args.config, args.overrides)
+    done = run(cfg)
+    print("pipeline: " + ", ".join(f"{k} {v}" for k, v in done.items()) + f"; results in {cfg.output_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from instructkit.report import write_report
+
+    html, md = write_report(args.run_dir)
+    print(f"wrote {html} and {md}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -210,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("pipeline", help="the whole recipe: SFT -> RM -> PPO/DPO -> eval -> merge -> package")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/demo")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="report.html and report.md of a run or pipeline folder")
+    p.add_argument("run_dir")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="perplexity, reward accuracy, samples, LLM-as-judge scores")
     p.add_argument("config")

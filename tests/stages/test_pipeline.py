@@ -1,0 +1,68 @@
+"""The whole recipe on a tiny random LLaMA: every stage, chaining, skip on re-run, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instructkit import pipeline as P
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load(tmp_path, *overrides):
+    return P.load_pipeline_config(REPO / "configs/tiny/pipeline.yaml", [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    cfg = load(tmp_path)
+    # chaining: SFT feeds RM, PPO (policy and reference) and DPO; RM feeds PPO's reward and value
+    sft_final = str(tmp_path / "run" / "sft" / "final")
+    assert cfg.rm.model.name_or_path == sft_final and cfg.ppo.policy.name_or_path == sft_final
+    assert cfg.dpo.model.name_or_path == sft_final
+    assert cfg.ppo.reward.name_or_path == str(tmp_path / "run" / "rm" / "final")
+    assert cfg.eval.model == str(tmp_path / "run" / "ppo" / "final")
+    done = P.run(cfg)
+    assert set(done.values()) == {"ran"} and list(done) == ["sft", "rm", "ppo", "dpo", "eval", "merge", "package"]
+    out = tmp_path / "run"
+    for name in ("sft", "rm", "ppo", "dpo"):
+        assert (out / name / "final").is_dir() and (out / name / "metrics.jsonl").is_file()
+    results = json.loads((out / "eval" / "eval.json").read_text())
+    assert "perplexity" in results["results"]
+    assert (out / "merge" / "model.safetensors").is_file() and list((out / "package").glob("*.tar.gz"))
+    again = P.run(load(tmp_path))
+    assert set(again.values()) == {"skipped"}
+
+
+def test_interrupted_stage_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    from instructkit.engine import fit as F
+
+    cfg = load(tmp_path, "stages=[sft]", "sft.train.save_every=5")
+    real = F.optimizer_step
+
+    def killed(model, optimizer, max_grad_norm, guard, loss, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(model, optimizer, max_grad_norm, guard, loss, step)
+
+    monkeypatch.setattr(F, "optimizer_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        P.run(cfg)
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "sft" / "final").exists()
+    assert (tmp_path / "run" / "sft" / "checkpoints" / "step-000005").is_dir()
+    done = P.run(load(tmp_path, "stages=[sft]", "sft.train.save_every=5"))
+    assert done == {"sft": "ran"}
+    rows = [json.loads(l) for l in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))  # continued from step 5
+
+
+def test_pipeline_config_errors_name_the_section(tmp_path):
+    from instructkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sft.train.lr_rate"):
+        load(tmp_path, "sft.train.lr_rate=1")
+    with pytest.raises(ConfigError, match="stages"):
+        load(tmp_path, "stages=[sft,distill]")
