@@ -304,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value arguments may also come after options (`export M --dtype q8_0 output=m.gguf`)
+    args, extra = parser.parse_known_args(argv)
+    target = next((getattr(args, a) for a in ("overrides", "rest") if hasattr(args, a)), None)
+    if extra and (target is None or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        target.extend(extra)
     try:
         return args.func(args)
     except UserError as e:

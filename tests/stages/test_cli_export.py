@@ -14,8 +14,8 @@ def cli(*args, cwd=REPO):
 
 
 def test_sft_merge_export_package_verify(tmp_path):
-    code, out = cli("sft", "configs/tiny/sft_lora.yaml", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
-                    "log.tensorboard=false")
+    code, out = cli("sft", "configs/tiny/sft_lora.yaml", "--resume", f"output_dir={tmp_path / 'run'}",
+                    "train.max_steps=2", "log.tensorboard=false")  # overrides may follow options
     assert code == 0, out
     code, out = cli("merge", tmp_path / "run" / "final", f"output={tmp_path / 'merged'}")
     assert code == 0, out
