@@ -116,7 +116,7 @@ def run_case(args) -> dict:
         def step(batch):
             batch = to_device(batch, device)
             with amp:
-                loss, n = lm_loss_sum(model, batch, chunk_size=4096)
+                loss, n = lm_loss_sum(model, batch, chunk_size=args.loss_chunk_size)
             (loss / max(n, 1)).backward()
     else:
         import random
@@ -193,6 +193,8 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--pure-bf16", action="store_true", help="full fine-tune with bf16 weights (GPU)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--loss-chunk-size", type=int, default=4096,
+                   help="ours: LM head + loss on target tokens in chunks (train.loss_chunk_size); 0: full logits")
     p.add_argument("--output", help="also write the results as JSON here")
     # internal: one case in this process
     p.add_argument("--case", help=argparse.SUPPRESS)

@@ -547,3 +547,115 @@ def save_config(cfg, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+@dataclass
+class PretrainModelSection:
+    # A preset of instructkit.models.tiny ("tiny-llama", "tiny-llama-256") whose fields the
+    # explicit ones below override; None: give hidden_size, intermediate_size, num_layers and
+    # num_heads explicitly.
+    shape: str | None = "tiny-llama-256"
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None  # default: num_heads (plain multi-head attention)
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    precision: Precision = "fp32"
+    attn_implementation: AttnImpl = "sdpa"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class CorpusSection:
+    train: list[str] = field(default_factory=list)  # files, folders of .txt, or globs
+    seq_len: int = 256
+    val_fraction: float = 0.05  # the last windows of the corpus
+    split: Literal["blank_lines", "file"] = "blank_lines"  # what one document is
+    cache_dir: str | None = None  # default: <output_dir>/corpus
+    num_workers: int = 4  # tokenizer processes (<= 1: serial)
+
+
+@dataclass
+class PretrainTokenizerSection:
+    # A tokenizer folder or hub id; None: the shipped tiny tokenizer (or a trained one when
+    # train is true).
+    name_or_path: str | None = None
+    train: bool = False  # train a byte-level BPE tokenizer on data.train
+    vocab_size: int = 4096
+    dir: str | None = None  # where a trained tokenizer is kept; default <output_dir>/tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/pretrain"
+    model: PretrainModelSection = field(default_factory=PretrainModelSection)
+    data: CorpusSection = field(default_factory=CorpusSection)
+    tokenizer: PretrainTokenizerSection = field(default_factory=PretrainTokenizerSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.1,
+                                                                   betas=[0.9, 0.95]))
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def check(self, world_size: int = 1) -> None:
+        """Cross-field checks; raises ConfigError."""
+        check_train(self.train, world_size)
+        m, d, tok = self.model, self.data, self.tokenizer
+        if not d.train:
+            raise ConfigError("data.train is empty: set it to a text file, a folder of .txt files or a glob")
+        if d.seq_len < 8:
+            raise ConfigError(f"data.seq_len={d.seq_len} is too small (>= 8)")
+        if d.seq_len > m.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} is above model.max_position_embeddings="
+                f"{m.max_position_embeddings}"
+            )
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction must be in [0, 1)")
+        if m.shape is None:
+            missing = [k for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads")
+                       if getattr(m, k) is None]
+            if missing:
+                raise ConfigError(
+                    "model.shape is not set, so give the shape explicitly: missing "
+                    + ", ".join(f"model.{k}" for k in missing)
+                )
+        else:
+            from instructkit.models.tiny import TINY_PRESETS
+
+            if m.shape.strip().lower() not in TINY_PRESETS:
+                raise ConfigError(
+                    f"model.shape={m.shape!r} is not a known shape; choose one of "
+                    f"{', '.join(TINY_PRESETS)} or set model.shape=null and give hidden_size, "
+                    "intermediate_size, num_layers, num_heads"
+                )
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            v = getattr(m, k)
+            if v is not None and v <= 0:
+                raise ConfigError(f"model.{k} must be > 0")
+        preset = {}
+        if m.shape is not None:
+            from instructkit.models.tiny import TINY_PRESETS
+
+            preset = TINY_PRESETS[m.shape.strip().lower()]
+        hidden = m.hidden_size if m.hidden_size is not None else preset.get("hidden_size")
+        heads = m.num_heads if m.num_heads is not None else preset.get("num_attention_heads")
+        kv = m.num_kv_heads if m.num_kv_heads is not None else (
+            preset.get("num_key_value_heads") if m.num_heads is None else None)
+        if hidden is not None and heads is not None and hidden % heads:
+            raise ConfigError(f"model.hidden_size={hidden} is not a multiple of model.num_heads={heads}")
+        if heads is not None and kv is not None and heads % kv:
+            raise ConfigError(f"model.num_heads={heads} is not a multiple of model.num_kv_heads={kv}")
+        if tok.train and tok.name_or_path:
+            raise ConfigError("set tokenizer.train=true or tokenizer.name_or_path, not both")
+        if tok.train and tok.vocab_size < 300:
+            raise ConfigError(
+                f"tokenizer.vocab_size={tok.vocab_size} is too small for a byte-level BPE "
+                "(256 bytes + special tokens; use >= 300)"
+            )

@@ -1,0 +1,166 @@
+"""Pretraining from random initialisation: tokenizer, memory-mapped corpus, a LLaMA of the
+configured shape, the next-token loss plugged into the shared loop, the final model saved.
+
+The loop itself (schedule, guarded optimizer step, metrics, evaluation, checkpoints, resume)
+is ``instructkit.engine.fit``; this file holds what is particular to pretraining.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from instructkit import models as M
+from instructkit.config import ModelConfig, PretrainConfig, effective_batch_size, save_config, to_dict
+from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
+from instructkit.engine import run as R
+from instructkit.engine.fit import Stage, fit
+from instructkit.engine.lm import evaluate_lm, lm_backward
+from instructkit.engine.logging import redact
+from instructkit.engine.optim import build_optimizer
+from instructkit.engine.runtime import resolve_device, seed_everything
+from instructkit.errors import DataError, UserError
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    stopped_early: bool = False
+    model: object = None  # the trained model, in memory (for the pipeline and tests)
+    tokenizer: object = None
+    corpus: Corpus | None = None
+
+
+def model_shape(cfg: PretrainConfig) -> dict:
+    """LlamaConfig fields of the configured shape: the preset's, overridden by explicit ones."""
+    m = cfg.model
+    shape: dict = {}
+    if m.shape is not None:
+        key = m.shape.strip().lower()
+        if key not in M.TINY_PRESETS:
+            raise UserError(f"model.shape={m.shape!r}: choose one of {', '.join(M.TINY_PRESETS)}")
+        shape.update(M.TINY_PRESETS[key])
+    explicit = {
+        "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_kv_heads,
+    }
+    shape.update({k: v for k, v in explicit.items() if v is not None})
+    shape.setdefault("num_key_value_heads", shape["num_attention_heads"])
+    if shape["hidden_size"] % shape["num_attention_heads"]:
+        raise UserError(f"model: hidden_size {shape['hidden_size']} is not a multiple of "
+                        f"num_heads {shape['num_attention_heads']}")
+    if shape["num_attention_heads"] % shape["num_key_value_heads"]:
+        raise UserError(f"model: num_heads {shape['num_attention_heads']} is not a multiple of "
+                        f"num_kv_heads {shape['num_key_value_heads']}")
+    return shape
+
+
+def load_pretrain_tokenizer(cfg: PretrainConfig, out: Path):
+    t = cfg.tokenizer
+    if t.train:
+        return train_tokenizer(cfg.data.train, t.vocab_size, t.dir or out / "tokenizer", cfg.data.split)
+    if t.name_or_path:
+        return M.load_tokenizer(ModelConfig(name_or_path=t.name_or_path, tokenizer=t.name_or_path))
+    return M.tiny_tokenizer()
+
+
+def build_model(cfg: PretrainConfig, tokenizer, device: torch.device, seed: int):
+    """A randomly initialised LlamaForCausalLM (the same seed gives the same weights; the
+    global RNG is left as it was)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from instructkit.models.load import enable_checkpointing, weight_dtype
+
+    m = cfg.model
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=False,  # no KV cache in training forwards
+        **model_shape(cfg),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    try:
+        model.set_attn_implementation(m.attn_implementation)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"model.attn_implementation={m.attn_implementation!r}: {e}") from None
+    stop = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in stop:
+        stop.append(im_end)  # the end of a ChatML turn, once fine-tuned
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop if len(stop) > 1 else stop[0],
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    model = model.to(dtype=weight_dtype(m.precision), device=device)
+    if m.gradient_checkpointing:
+        enable_checkpointing(model)
+    if m.compile:
+        M.compile_layers(model)
+    model.train()
+    return model
+
+
+def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
+    out = Path(cfg.output_dir)
+    R.prepare_output_dir(out, resume)
+    device = resolve_device(cfg.model.device)
+    seed_everything(cfg.train.seed)
+    t, d, precision = cfg.train, cfg.data, cfg.model.precision
+    tokenizer = load_pretrain_tokenizer(cfg, out)
+    corpus = build_corpus(d.train, tokenizer, d.cache_dir or out / "corpus", d.num_workers, d.split)
+    train_starts, val_starts = corpus.split(d.seq_len, d.val_fraction)
+    if not train_starts:
+        raise DataError(
+            f"data.train: the corpus has {corpus.n_tokens} tokens, too few for one training "
+            f"window of data.seq_len={d.seq_len} (+1) after the validation split"
+        )
+    model = build_model(cfg, tokenizer, device, seed=t.seed)
+    optimizer = build_optimizer(model, t, device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    def plan(epoch: int):  # micro-batches -> window start offsets
+        return corpus.plan(d.seq_len, t.micro_batch_size, seed=t.seed, epoch=epoch, val_fraction=d.val_fraction)
+
+    def backward(planned):
+        micro_batches = [corpus.collate(starts, d.seq_len) for starts in planned]
+        return lm_backward(model, micro_batches, device, precision, t.loss_chunk_size), {}
+
+    def evaluate() -> dict:
+        batches = corpus.eval_plan(d.seq_len, t.micro_batch_size, d.val_fraction)[: t.eval_max_batches or None]
+        if not batches:
+            return {}
+        r = evaluate_lm(model, (corpus.collate(s, d.seq_len) for s in batches), device, precision,
+                        t.loss_chunk_size)
+        return {"eval_loss": r["loss"], "eval_ppl": r["ppl"]}
+
+    stage = Stage(
+        name="pretrain", plan=plan, backward=backward, evaluate=evaluate,
+        tokens=lambda planned: sum(len(starts) for starts in planned) * d.seq_len,
+        start_metrics={"data_tokens": corpus.n_tokens, "data_documents": corpus.n_documents,
+                       "data_train_windows": len(train_starts), "data_val_windows": len(val_starts),
+                       "data_corpus_rebuilt": corpus.rebuilt, "vocab_size": len(tokenizer),
+                       "effective_batch_size": effective_batch_size(t),
+                       "trainable_params": M.count_parameters(model)[0]},
+    )
+    result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
+                 cfg.model.attn_implementation, resume)
+    shape = cfg.model.shape or "custom"
+    final = M.save_final(model, tokenizer, out / "final", ModelConfig(name_or_path=f"scratch:{shape}"))
+    return PretrainResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
+                          result.stopped_early, model, tokenizer, corpus)
