@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from instructkit.atomic import replace_dir
 from instructkit.errors import UserError
 from instructkit.models.adapters import unwrap
 
@@ -336,17 +336,6 @@ def _prepare_output(out: Path, adapter_dir: Path) -> Path:
     return tmp
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def _generation_config(model, adapter_dir: Path):
     from transformers import GenerationConfig
 
@@ -425,7 +414,7 @@ def merge_adapter(adapter_dir, output_dir, dtype: str = "fp32") -> Path:
             "tokenizer_size": len(tokenizer),
         }
         (tmp / META_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        _move_into_place(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from instructkit.atomic import replace_dir
 from instructkit.errors import UserError
 
 log = logging.getLogger("instructkit.export")
@@ -869,13 +870,7 @@ def convert_meta_checkpoint(
             "tokenizer_size": len(tokenizer),
         }
         (tmp / "instructkit.json").write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s (Llama %s, %d shard(s)) to %s in %.1f s", meta_dir, version,

@@ -20,13 +20,13 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from instructkit.atomic import replace_dir
 from instructkit.errors import UserError
 from instructkit.models.adapters import unwrap
 from instructkit.models.load import load_model
@@ -210,18 +210,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an older one."""
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def save_reward_model(
     model: nn.Module,
     tokenizer,
@@ -291,7 +279,7 @@ def save_reward_model(
         "reward_std": std,
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     log.info("saved the reward model to %s (reward mean %.4g, std %.4g)", out, mean, std)
     return out
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from instructkit.atomic import replace_dir
 from instructkit.errors import UserError
 from instructkit.models.adapters import unwrap
 from instructkit.models.load import (
@@ -159,14 +159,7 @@ def save_final(model, tokenizer, out_dir, model_cfg) -> Path:
             base.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    if out.exists():
-        old_dir = out.with_name(out.name + ".old")
-        shutil.rmtree(old_dir, ignore_errors=True)
-        os.rename(out, old_dir)
-        os.rename(tmp, out)
-        shutil.rmtree(old_dir, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    replace_dir(tmp, out)
     log.info("saved the final %s to %s", meta["kind"], out)
     return out
 

@@ -1,0 +1,21 @@
+"""Writing results so that a crash never leaves a half-written one that looks complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``, replacing an older ``out``: the old one is
+    renamed aside first, so at every moment either the old or the new result is complete."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
