@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from instructkit.config import LogConfig, TrainConfig
+from instructkit.config import LogConfig, TrainConfig, effective_batch_size
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar
@@ -36,7 +36,7 @@ class Stage:
     evaluate: Callable[[], dict]  # -> metrics with "eval_" keys; {} when there is nothing
     tokens: Callable[[list], int]  # real tokens in a step's specs, for tokens/s
     on_step: Callable[[int, MetricsLogger], None] | None = None  # e.g. sample generations
-    start_metrics: dict = field(default_factory=dict)  # logged once at the start
+    start_metrics: dict = field(default_factory=dict)  # e.g. data counts, logged once at the start
 
 
 @dataclass
@@ -61,7 +61,9 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
     start, loop, _ = R.restore(out, model, optimizer, stream, guard) if resume else (0, R.new_loop_state(), {})
 
     logger = MetricsLogger(out, log_cfg, config_dict, resume_step=start if resume else None)
-    logger.log(start, {"event": "start", "total_steps": total, **stage.start_metrics})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.log(start, {"event": "start", "total_steps": total, "effective_batch_size": effective_batch_size(t),
+                       "trainable_params": trainable, **stage.start_metrics})
     if t.eval_at_start and start == 0 and (first := stage.evaluate()):
         logger.log(0, first)
     bar = ProgressBar(total, start, log_cfg.progress, stage.name)

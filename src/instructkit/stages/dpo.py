@@ -18,7 +18,7 @@ import torch
 
 from instructkit import data as D
 from instructkit import models as M
-from instructkit.config import AdapterConfig, DPOConfig, effective_batch_size, save_config, to_dict
+from instructkit.config import AdapterConfig, DPOConfig, save_config, to_dict
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import completion_logps, to_device
@@ -145,9 +145,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
     stage = Stage(
         name="dpo", plan=plan, backward=backward, evaluate=evaluate,
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
-        start_metrics={**{f"data_{k}": v for k, v in pref.stats.items()},
-                       "effective_batch_size": effective_batch_size(t),
-                       "trainable_params": M.count_parameters(policy)[0]},
+        start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )
     result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from instructkit import models as M
-from instructkit.config import ModelConfig, PretrainConfig, effective_batch_size, save_config, to_dict
+from instructkit.config import ModelConfig, PretrainConfig, save_config, to_dict
 from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
@@ -154,9 +154,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
         tokens=lambda planned: sum(len(starts) for starts in planned) * d.seq_len,
         start_metrics={"data_tokens": corpus.n_tokens, "data_documents": corpus.n_documents,
                        "data_train_windows": len(train_starts), "data_val_windows": len(val_starts),
-                       "data_corpus_rebuilt": corpus.rebuilt, "vocab_size": len(tokenizer),
-                       "effective_batch_size": effective_batch_size(t),
-                       "trainable_params": M.count_parameters(model)[0]},
+                       "data_corpus_rebuilt": corpus.rebuilt, "vocab_size": len(tokenizer)},
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)

@@ -15,7 +15,7 @@ import torch
 
 from instructkit import data as D
 from instructkit import models as M
-from instructkit.config import RMConfig, effective_batch_size, save_config, to_dict
+from instructkit.config import RMConfig, save_config, to_dict
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import to_device
@@ -107,9 +107,7 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
     stage = Stage(
         name="rm", plan=plan, backward=backward, evaluate=evaluate,
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
-        start_metrics={**{f"data_{k}": v for k, v in pref.stats.items()},
-                       "effective_batch_size": effective_batch_size(t),
-                       "trainable_params": M.count_parameters(model)[0]},
+        start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)

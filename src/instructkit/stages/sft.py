@@ -11,7 +11,7 @@ from pathlib import Path
 
 from instructkit import data as D
 from instructkit import models as M
-from instructkit.config import SFTConfig, effective_batch_size, save_config, to_dict
+from instructkit.config import SFTConfig, save_config, to_dict
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import evaluate_lm, lm_backward
@@ -77,9 +77,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     stage = Stage(
         name="sft", plan=plan, backward=backward, evaluate=evaluate, on_step=on_step,
         tokens=lambda planned: sum(lengths[i] for rows in planned for row in rows for i in row),
-        start_metrics={**{f"data_{k}": v for k, v in sft_data.stats.items()},
-                       "effective_batch_size": effective_batch_size(t),
-                       "trainable_params": M.count_parameters(model)[0]},
+        start_metrics={f"data_{k}": v for k, v in sft_data.stats.items()},
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
