@@ -44,12 +44,18 @@ def _guess_stage(path: str) -> str:
 def cmd_train(args) -> int:
     from instructkit.config import load_config
 
+    from instructkit.engine import distributed as D
+
     cfg = load_config(_config_class(args.command), args.config, args.overrides)
     import importlib
 
     stage = importlib.import_module(f"instructkit.stages.{args.command}")
+    D.init(cfg.distributed.backend)  # a no-op unless torchrun started several processes
+    main = D.is_main()
     result = stage.run(cfg, resume=args.resume)
-    print(f"done: {result.steps} steps, final model in {result.final_dir}")
+    D.shutdown()  # on an error the process exits instead, and torchrun stops the other ranks
+    if main:
+        print(f"done: {result.steps} steps, final model in {result.final_dir}")
     return 0
 
 

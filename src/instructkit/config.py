@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from instructkit.errors import ConfigError
+from instructkit.errors import ConfigError, UserError
 
 Precision = Literal["fp32", "bf16", "bf16-mixed"]
 AttnImpl = Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]
@@ -133,6 +133,28 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Used when launched by torchrun on several processes; ignored in one process."""
+
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"  # auto: fsdp (or what zero_stage implies)
+    # DeepSpeed-style: 0 -> ddp, 2 -> fsdp keeping parameters gathered after forward,
+    # 3 -> fsdp fully sharded; 1 has no FSDP2 counterpart and is rejected with the reason.
+    zero_stage: int | None = None
+    reshard_after_forward: bool = True  # FSDP: free gathered parameters after each layer's forward
+    cpu_offload: bool = False  # FSDP: parameters, gradients and optimizer state in CPU memory
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
+
+
+def check_distributed(d: DistributedConfig) -> None:
+    from instructkit.engine.distributed import resolve_plan
+
+    try:
+        resolve_plan(d)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+
+
+@dataclass
 class SFTConfig:
     output_dir: str = "runs/sft"
     preset: str | None = None  # model-size preset, see instructkit.presets
@@ -141,10 +163,12 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def check(self, world_size: int = 1) -> None:
         """Cross-field checks; raises ConfigError."""
         check_train(self.train, world_size)
+        check_distributed(self.distributed)
         if not self.data.train:
             raise ConfigError("data.train is empty: set it to a data file or a datasets name")
         if self.data.max_seq_len < 8:
@@ -267,9 +291,17 @@ class PPOConfig:
     ppo: PPOSection = field(default_factory=PPOSection)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, max_grad_norm=1.0))
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def check(self, world_size: int = 1) -> None:
         check_train(self.train, world_size)
+        check_distributed(self.distributed)
+        if self.distributed.strategy == "ddp" or self.distributed.zero_stage == 0:
+            raise ConfigError(
+                "distributed.strategy=ddp does not fit PPO: each update runs the policy and the value "
+                "passes through one model before one backward, and DDP allows one forward per backward; "
+                "use distributed.strategy=fsdp (the default)"
+            )
         if not self.data.train:
             raise ConfigError("data.train is empty: set it to a file of prompts (or preference pairs)")
         if (self.reward.name_or_path is None) == (self.reward.function is None):
@@ -338,9 +370,15 @@ def effective_batch_size(t: TrainConfig, world_size: int = 1) -> int:
 
 
 def load_config(
-    cls: type, path: str | Path | None, overrides: list[str] = (), world_size: int = 1
+    cls: type, path: str | Path | None, overrides: list[str] = (), world_size: int | None = None
 ):
-    """Build a config of dataclass ``cls`` from a YAML file and ``key=value`` overrides."""
+    """Build a config of dataclass ``cls`` from a YAML file and ``key=value`` overrides.
+
+    ``world_size``: for ``train.global_batch_size``; default: what torchrun announced."""
+    if world_size is None:
+        import os
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = "<defaults>"
@@ -602,10 +640,12 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.1,
                                                                    betas=[0.9, 0.95]))
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def check(self, world_size: int = 1) -> None:
         """Cross-field checks; raises ConfigError."""
         check_train(self.train, world_size)
+        check_distributed(self.distributed)
         m, d, tok = self.model, self.data, self.tokenizer
         if not d.train:
             raise ConfigError("data.train is empty: set it to a text file, a folder of .txt files or a glob")

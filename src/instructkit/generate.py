@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from instructkit.engine import distributed as D
+
 
 @torch.no_grad()
 def generate_responses(
@@ -45,13 +47,18 @@ def generate_responses(
             if sampling:
                 # top_k=0 must be explicit: None would fall back to the default of 50
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-            ids = model.generate(**enc, **kwargs)
+            # Through the distributed root when sharded; synced: ranks stop together.
+            ids = D.through(model, _generate, enc, dict(kwargs, synced_gpus=D.active()))
             new = ids[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         if was_training:
             model.train()
     return [o.strip() for o in out]
+
+
+def _generate(model, enc: dict, kwargs: dict) -> torch.Tensor:
+    return model.generate(**enc, **kwargs)
 
 
 def _stop_ids(tokenizer) -> list[int]:

@@ -77,7 +77,8 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False)
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``(values - mean) / sqrt(var + eps)`` with the mean and the (population) variance taken
     over the masked entries only, so padding does not shift them.
@@ -85,11 +86,21 @@ def masked_whiten(
     values, mask: [B, T]. Returns [B, T] fp32: mean 0 and std 1 over the masked entries;
     masked-out entries are 0. ``shift_mean=False`` adds the mean back (scale only: the
     values keep their mean, e.g. rewards whose sign matters).
+
+    ``sum_over_ranks``: a function returning the sum of a tensor over all ranks; then the
+    mean and variance are those of every rank's entries together (global whitening), taken
+    in two passes (sums, then squared deviations from the global mean).
     """
     values = values.float()
     m = mask.to(values.dtype)
-    mean = masked_mean(values, m)
-    var = masked_var(values, m)
+    if sum_over_ranks is None:
+        mean = masked_mean(values, m)
+        var = masked_var(values, m)
+    else:
+        total, count = sum_over_ranks(torch.stack([(values * m).sum(), m.sum()]))
+        count = count.clamp(min=1.0)
+        mean = total / count
+        var = sum_over_ranks(((values - mean) ** 2 * m).sum()) / count
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -282,6 +282,7 @@ def sample(
     seed: int | None = None,
     batch_size: int | None = None,
     prompts: list[str] | None = None,
+    synced_gpus: bool = False,
 ) -> RolloutBatch:
     """Sample one response per prompt with HF ``generate`` (KV cache on), in left-padded
     batches of ``batch_size`` rows (default: all at once).
@@ -289,7 +290,8 @@ def sample(
     prompt_ids: token ids of each prompt (``instructkit.data.build_prompt_ids``); stop_ids:
     default EOS plus the template's end-of-turn token. temperature > 0; top_k 0 and top_p 1
     disable those cuts. seed: sample from this seed and leave the global RNG as it was (None:
-    use the global RNG). Works with peft models. The model is in eval mode while sampling and
+    use the global RNG). synced_gpus: every rank keeps stepping until all are done (a sharded
+    model needs every rank in every forward). Works with peft models. The model is in eval mode while sampling and
     back in its former mode after. Returns a :class:`RolloutBatch` on the model's device.
     """
     if not temperature > 0:
@@ -325,6 +327,7 @@ def sample(
                     pad_token_id=pad_id,
                     eos_token_id=stop_ids,
                     use_cache=True,  # transformers 5 may inherit use_cache=False from training
+                    synced_gpus=synced_gpus,
                     **kwargs,
                 )
                 chunks.append(out[:, ids.shape[1] :])

@@ -10,6 +10,16 @@ Layout of ``checkpoints/step-000120/``::
 A checkpoint is built in ``step-000120.tmp`` and renamed when complete, so a crash or kill
 leaves either the whole new checkpoint or none of it; the previous one stays loadable.
 Nothing here is pickled: safetensors for tensors, JSON for the rest.
+
+Under torchrun the model is sharded, and a checkpoint is written by every rank at once with
+``torch.distributed.checkpoint`` (DCP)::
+
+    sharded/                trainable weights and optimizer state, keyed by parameter name
+    rng-00000.safetensors   each rank's RNG state (+ rng-00000.json)
+    state.json              loop state, written last by rank 0
+
+DCP stores tensors with their global shapes, so such a checkpoint loads on any number of
+ranks, and in a single process.
 """
 
 from __future__ import annotations
@@ -150,3 +160,79 @@ def load_checkpoint(
         load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
     rng = {"tensors": load_file(path / "rng.safetensors"), "meta": state["rng"]}
     return {"step": state["step"], "loop": state["loop"], "rng": rng, "extra": extra}
+
+
+# --------------------------------------------------------------------------- sharded (DCP)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / "sharded").is_dir()
+
+
+def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    return folder / f"rng-{rank:05d}.safetensors", folder / f"rng-{rank:05d}.json"
+
+
+def save_sharded_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, loop_state: dict, rng: dict,
+                            keep_last: int) -> Path:
+    """Every rank calls this; rank 0 publishes the folder once all ranks have written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from instructkit.engine import distributed as D
+
+    ckpt_root = Path(ckpt_root)
+    final, tmp = ckpt_root / f"step-{step:06d}", ckpt_root / f"step-{step:06d}.tmp"
+    if D.is_main():
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    D.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "sharded"))
+    rng_t, rng_j = _rng_files(tmp, D.rank())
+    save_file({k: v.contiguous() for k, v in rng["tensors"].items()}, rng_t)
+    rng_j.write_text(json.dumps(rng["meta"]))
+    D.barrier()
+    if D.is_main():
+        state = {"step": step, "loop": loop_state, "format": "dcp", "world_size": D.world_size()}
+        with open(tmp / "state.json", "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(ckpt_root)
+        prune(ckpt_root, keep_last)
+    D.barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load a DCP checkpoint into ``model`` (sharded or not) and ``optimizer``, whatever the
+    number of ranks that wrote it; same return value as ``load_checkpoint``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from instructkit.engine import distributed as D
+
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options) if optimizer is not None else (
+        get_state_dict(model, [], options=options)[0], None)
+    target = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
+    dcp.load(target, checkpoint_id=str(path / "sharded"))
+    # strict=False: the frozen weights are not in the checkpoint (dcp.load above already failed
+    # on any trainable tensor the checkpoint lacks).
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=target["model"],
+                   optim_state_dict=target.get("optim", {}),
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    rng_t, rng_j = _rng_files(path, D.rank())
+    if not rng_t.exists():  # more ranks than wrote the checkpoint: start from rank 0's streams
+        rng_t, rng_j = _rng_files(path, 0)
+    rng = {"tensors": load_file(rng_t), "meta": json.loads(rng_j.read_text())}
+    return {"step": state["step"], "loop": state["loop"], "rng": rng, "extra": {}}

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from instructkit.config import LogConfig, TrainConfig, effective_batch_size
+from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar
@@ -47,26 +48,28 @@ class FitResult:
     stopped_early: bool
 
 
-def total_steps(t: TrainConfig, micro_batches_per_epoch: int) -> int:
-    return t.max_steps or max(1, math.ceil(t.epochs * micro_batches_per_epoch / t.grad_accum))
+def total_steps(t: TrainConfig, micro_batches_per_epoch: int, world_size: int = 1) -> int:
+    return t.max_steps or max(1, math.ceil(t.epochs * micro_batches_per_epoch / (t.grad_accum * world_size)))
 
 
 def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg: LogConfig,
         out: Path, config_dict: dict, device: torch.device, precision: str, attn: str,
         resume: bool) -> FitResult:
     per_epoch = len(stage.plan(0))
-    total = total_steps(t, per_epoch)
+    world = D.world_size()  # under torchrun each step takes grad_accum micro-batches per rank
+    total = total_steps(t, per_epoch, world)
     stream = BatchStream(stage.plan)
     guard = NonFiniteGuard(t.max_nonfinite_steps, precision, attn, t.lr)
     start, loop, _ = R.restore(out, model, optimizer, stream, guard) if resume else (0, R.new_loop_state(), {})
 
-    logger = MetricsLogger(out, log_cfg, config_dict, resume_step=start if resume else None)
+    logger = MetricsLogger(out, log_cfg, config_dict, resume_step=start if resume else None, main=D.is_main())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.log(start, {"event": "start", "total_steps": total, "effective_batch_size": effective_batch_size(t),
+    logger.log(start, {"event": "start", "total_steps": total, "effective_batch_size": effective_batch_size(t, world),
+                       "world_size": world,
                        "trainable_params": trainable, **stage.start_metrics})
     if t.eval_at_start and start == 0 and (first := stage.evaluate()):
         logger.log(0, first)
-    bar = ProgressBar(total, start, log_cfg.progress, stage.name)
+    bar = ProgressBar(total, start, log_cfg.progress and D.is_main(), stage.name)
 
     model.train()
     loss, stopped_early, eval_metrics = float("nan"), False, {}
@@ -74,8 +77,8 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
     step = start
     while step < total:
         set_lr(optimizer, lr_at(step, total, t))
-        specs = stream.take(t.grad_accum)
-        loss, extra = stage.backward(specs)
+        specs = stream.take(t.grad_accum * world)  # the same global list on every rank
+        loss, extra = stage.backward(D.rank_slice(specs))  # loss and extra: over all ranks
         tokens += stage.tokens(specs)
         result = optimizer_step(model, optimizer, t.max_grad_norm, guard, loss, step)
         step += 1

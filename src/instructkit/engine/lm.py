@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from instructkit.engine import distributed as D
 from instructkit.engine.runtime import autocast
 from instructkit.losses import IGNORE_INDEX, chunked_cross_entropy_sum, sft_loss_sum
 
@@ -69,7 +70,7 @@ def evaluate_lm(model, batches, device, precision: str, chunk_size: int = 0) -> 
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(precision, device):
-            loss, n = lm_loss_sum(model, batch, chunk_size)
+            loss, n = D.through(model, lm_loss_sum, batch, chunk_size)
         total += float(loss)
         count += n
     if was_training:
@@ -84,17 +85,25 @@ def lm_backward(model, micro_batches: list[dict], device, precision: str, chunk_
     Each micro-batch's summed loss is divided by the target count of the WHOLE step, so
     micro-batch 2 x accumulation 2 gives the gradients of micro-batch 4 x accumulation 1, and
     long and short micro-batches weigh their tokens equally. Returns the step's mean loss.
+
+    Under torchrun ``micro_batches`` are this rank's share and the target count is summed over
+    all ranks; the per-rank loss is scaled by the world size because FSDP and DDP average the
+    ranks' gradients. N ranks then give the gradients of one process running the whole step.
     """
-    n_targets = sum(int((mb["target_ids"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    denom = max(n_targets, 1)
-    loss_sum = None  # a tensor: one device sync per step, not per micro-batch
-    for mb in micro_batches:
+    n_local = sum(int((mb["target_ids"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    n_targets = D.global_sum(n_local)
+    denom = max(n_targets, 1) / D.world_size()
+    loss_sum = torch.zeros(())  # summed on the loss's device: one sync per step, not per micro-batch
+    for i, mb in enumerate(micro_batches):
         mb = to_device(mb, device)
-        with autocast(precision, device):
-            loss, _ = lm_loss_sum(model, mb, chunk_size)
-        (loss / denom).backward()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    return float(loss_sum) / denom if loss_sum is not None else float("nan")
+        with D.grad_sync(model, i == len(micro_batches) - 1):
+            with autocast(precision, device):
+                loss, _ = D.through(model, lm_loss_sum, mb, chunk_size)
+            (loss / denom).backward()
+        loss_sum = loss_sum.to(loss.device) + loss.detach().float()
+    if not micro_batches and not D.active():
+        return float("nan")
+    return D.global_sum(float(loss_sum)) / max(n_targets, 1)
 
 
 def completion_logps(model, batch: dict, average: bool = False) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from instructkit.engine import checkpoint as C
+from instructkit.engine import distributed as D
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.runtime import get_rng_state, set_rng_state
 from instructkit.engine.step import NonFiniteGuard
@@ -37,7 +38,15 @@ def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: NonF
     last = C.latest_checkpoint(Path(output_dir) / "checkpoints")
     if last is None:
         return 0, new_loop_state(), {}
-    restored = C.load_checkpoint(last, model, optimizer)
+    if C.is_sharded_checkpoint(last):
+        restored = C.load_sharded_checkpoint(last, model, optimizer)
+    elif D.sharded(model):
+        raise UserError(
+            f"{last} was written by a single process and cannot be resumed by several; resume it "
+            "without torchrun, or start the distributed run in a new output_dir"
+        )
+    else:
+        restored = C.load_checkpoint(last, model, optimizer)
     loop = restored["loop"]
     stream.load_state_dict(loop.pop("stream"))
     guard.total = loop.pop("skipped_steps", 0)
@@ -48,6 +57,11 @@ def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: NonF
 def save(output_dir: Path, step: int, model, optimizer, loop: dict, stream: BatchStream,
          guard: NonFiniteGuard, keep_last: int, extra_tensors: dict | None = None) -> Path:
     state = {**loop, "stream": stream.state_dict(), "skipped_steps": guard.total}
+    if D.sharded(model):
+        if extra_tensors:
+            raise UserError("this stage keeps extra tensors in its checkpoints, which sharded runs do not support yet")
+        return C.save_sharded_checkpoint(Path(output_dir) / "checkpoints", step, model, optimizer, state,
+                                         get_rng_state(), keep_last)
     return C.save_checkpoint(Path(output_dir) / "checkpoints", step, model, optimizer, state,
                              get_rng_state(), keep_last, extra_tensors)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from instructkit.engine.distributed import plain_norm
 from instructkit.errors import TrainingDiverged
 
 
@@ -75,7 +76,7 @@ def optimizer_step(
     """
     params = [p for p in model.parameters() if p.grad is not None]
     limit = max_grad_norm if max_grad_norm is not None else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+    grad_norm = plain_norm(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     guard.update(finite, step, "loss" if not math.isfinite(loss) else "gradient norm")
     if finite:

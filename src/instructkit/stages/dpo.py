@@ -19,6 +19,7 @@ import torch
 from instructkit import data as D
 from instructkit import models as M
 from instructkit.config import AdapterConfig, DPOConfig, save_config, to_dict
+from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import completion_logps, to_device
@@ -65,7 +66,7 @@ class Reference:
         model.eval()  # no dropout in the reference
         off = self.policy.disable_adapter() if self.copy is None else contextlib.nullcontext()
         with off:
-            out = completion_logps(model, batch, average)
+            out = dist.through(model, completion_logps, batch, average)
         model.train(was_training)
         return out
 
@@ -75,14 +76,17 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
-    tokenizer = M.load_tokenizer(cfg.model)
-    pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    policy = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
-    ref = Reference(policy, copy=None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path
-                    else frozen_reference(cfg, tokenizer, device))
+    with dist.main_first():  # rank 0 fills the model caches first
+        tokenizer = M.load_tokenizer(cfg.model)
+        pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        policy = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+        ref = Reference(policy, copy=None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path
+                        else frozen_reference(cfg, tokenizer, device))
+    dist.wrap(policy, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(policy, cfg.train, device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
     average = cfg.dpo.loss == "ipo"  # IPO compares per-token mean log-probs
     loss_of = loss_fn(cfg)
@@ -107,7 +111,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
     def pair_terms(split_name, split, groups):
         batch = rows(split, groups)
         with autocast(precision, device):
-            policy_lp = completion_logps(policy, batch, average)  # [R]
+            policy_lp = dist.through(policy, completion_logps, batch, average)  # [R]
         ref_lp = ref_logps(split_name, split, groups, batch)  # [R]
         b, w = batch["pairs"][:, 0], batch["pairs"][:, 1]
         return policy_lp[b], policy_lp[w], ref_lp[b], ref_lp[w]
@@ -117,15 +121,19 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
                                          seed=t.seed, epoch=epoch)
 
     def backward(planned: list) -> tuple[float, dict]:
-        n_pairs = sum(len(D.pairs_of(pref.train[g])) for groups in planned for g in groups)
+        # The step's pairs on all ranks; x world size because FSDP/DDP average the gradients.
+        n_pairs = dist.global_sum(sum(len(D.pairs_of(pref.train[g])) for groups in planned for g in groups))
+        scale = dist.world_size() / n_pairs
         total, terms = 0.0, []
-        for groups in planned:
-            pc, pr, rc, rr = pair_terms("train", pref.train, groups)
-            loss = loss_of(pc, pr, rc, rr, cfg.dpo.beta).sum() / n_pairs
-            loss.backward()
-            total += float(loss.detach())
+        for i, groups in enumerate(planned):
+            with dist.grad_sync(policy, i == len(planned) - 1):
+                pc, pr, rc, rr = pair_terms("train", pref.train, groups)
+                loss = loss_of(pc, pr, rc, rr, cfg.dpo.beta).sum() * scale
+                loss.backward()
+            total += float(loss.detach()) / dist.world_size()
             terms.append([x.detach() for x in (pc, pr, rc, rr)])
-        return total, named_metrics(terms, cfg.dpo.beta)
+        terms = [[dist.gather_cat(torch.cat([t[i] for t in terms])) for i in range(4)]]
+        return dist.global_sum(total), named_metrics(terms, cfg.dpo.beta)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -149,7 +157,10 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
     )
     result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
-    final = M.save_final(policy, tokenizer, out / "final", cfg.model)
+    final = out / "final"
+    with dist.gathered(policy) as full:  # rank 0 writes ordinary safetensors
+        if full is not None:
+            final = M.save_final(full, tokenizer, final, cfg.model)
     return DPOResult(out, Path(final), result.steps, result.loss, result.eval_metrics, policy, tokenizer)
 
 

@@ -34,6 +34,7 @@ from instructkit import rl
 from instructkit import rollout as RO
 from instructkit.config import AdapterConfig, PPOConfig, save_config, to_dict
 from instructkit.data.prompts import load_prompts
+from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar, redact
@@ -116,6 +117,11 @@ class Actors:
         finally:
             self.use("default")
 
+    def run(self, fn):
+        """``fn()`` as one forward of the distributed root (FSDP2 gathers the sharded policy
+        and value model there); in one process just ``fn()``."""
+        return dist.through(self.trainable, lambda _module: fn())
+
     def frozen_to(self, device) -> None:
         for m in (self.ref_copy, self.reward_model):
             if m is not None:
@@ -171,9 +177,10 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
     times = {}
     t0 = time.perf_counter()
     with autocast(precision, device):
-        batch = RO.sample(actors.policy, tokenizer, [ids for _, ids in prompts], prompts=[t for t, _ in prompts],
-                          max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
-                          top_k=ro.top_k, batch_size=ro.micro_batch_size)
+        batch = actors.run(lambda: RO.sample(
+            actors.policy, tokenizer, [ids for _, ids in prompts], prompts=[t for t, _ in prompts],
+            max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+            batch_size=ro.micro_batch_size, synced_gpus=dist.active()))
     batch = batch.to(device)
     times["time_generate"] = time.perf_counter() - t0
     gen_tokens = int(batch.response_mask.sum())
@@ -181,11 +188,11 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
     with autocast(precision, device):
         raw = (RO.reward_model_scores(actors.reward_model, batch, ro.micro_batch_size)
                if actors.reward_model is not None else RO.function_scores(reward_fn, batch)).float()
-        old_logp = RO.response_logprobs(actors.policy, batch, ro.micro_batch_size, ro.temperature)
+        old_logp = actors.run(lambda: RO.response_logprobs(actors.policy, batch, ro.micro_batch_size, ro.temperature))
         with actors.reference() as ref:
-            ref_logp = RO.response_logprobs(ref, batch, ro.micro_batch_size, ro.temperature)
+            ref_logp = actors.run(lambda: RO.response_logprobs(ref, batch, ro.micro_batch_size, ro.temperature))
         actors.trainable.eval()
-        values = RO.response_values(actors.values_fn, batch, ro.micro_batch_size)
+        values = actors.run(lambda: RO.response_values(actors.values_fn, batch, ro.micro_batch_size))
         actors.trainable.train()
     times["time_score"] = time.perf_counter() - t0
 
@@ -194,21 +201,32 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
     if cfg.reward.normalize == "stored":
         scores = rl.normalize_scores(scores, *reward_stats)
     elif cfg.reward.normalize == "running":
-        moments.update(raw)
+        moments.update(dist.gather_cat(raw))  # every rank's scores: the same statistics everywhere
         scores = rl.normalize_scores(scores, moments.mean, moments.std)
     scores = rl.clip_scores(scores, cfg.reward.clip)
     scores = rl.penalize_no_eos(scores, batch.reached_eos, cfg.reward.no_eos_penalty)
     kl = rl.KL_ESTIMATORS[cfg.ppo.kl_estimator](old_logp, ref_logp) * mask  # [B, T]
     rewards = rl.per_token_rewards(scores, kl, kl_coef, mask)
     advantages, returns = rl.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-    if cfg.ppo.whiten_advantages:
-        advantages = rl.masked_whiten(advantages, mask)
+    if cfg.ppo.whiten_advantages:  # under torchrun: with the mean and variance over all ranks
+        advantages = rl.masked_whiten(advantages, mask, sum_over_ranks=dist.sum_over_ranks if dist.active() else None)
     exp = {"old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns, "mask": mask}
     metrics = {k: float(v) for k, v in rl.rollout_metrics(kl, mask, batch.reached_eos, scores).items()}
-    metrics.update(reward_mean=float(raw.mean()), reward_std=float(raw.std(correction=0)), **times,
-                   gen_tokens_per_s=gen_tokens / max(times["time_generate"], 1e-9),
+    metrics.update(**times, gen_tokens_per_s=gen_tokens / max(times["time_generate"], 1e-9),
                    response_len=metrics.pop("response_length"))
+    metrics = mean_over_ranks(metrics)
+    every_raw = dist.gather_cat(raw)
+    metrics.update(reward_mean=float(every_raw.mean()), reward_std=float(every_raw.std(correction=0)))
     return exp, metrics, batch, raw
+
+
+def mean_over_ranks(metrics: dict) -> dict:
+    """Per-rank means averaged over the ranks (each rank holds the same number of prompts);
+    in one process, the metrics themselves."""
+    if not dist.active():
+        return metrics
+    sums = dist.global_sums(list(metrics.values()))
+    return {k: v / dist.world_size() for k, v in zip(metrics, sums)}
 
 
 # --------------------------------------------------------------------------- the run
@@ -219,21 +237,27 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.policy.device)
     seed_everything(cfg.train.seed)
-    tokenizer = M.load_tokenizer(cfg.policy)
-    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_len)
-    reward_fn = RO.load_reward_function(cfg.reward.function) if cfg.reward.function else None
-    actors = Actors(cfg, tokenizer, device)
+    with dist.main_first():  # rank 0 fills the model caches first
+        tokenizer = M.load_tokenizer(cfg.policy)
+        prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_len)
+        reward_fn = RO.load_reward_function(cfg.reward.function) if cfg.reward.function else None
+        actors = Actors(cfg, tokenizer, device)
+    # torchrun: the policy and value model are sharded with FSDP2; the frozen reward model and
+    # reference copy are replicated on every rank.
+    dist.wrap(actors.trainable, cfg.distributed, cfg.policy.precision, device)
     reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalize == "stored" else (0.0, 1.0))
     optimizer = build_ppo_optimizer(actors, cfg, device)
     ptx = PtxSource(cfg, tokenizer, device) if cfg.ppo.ptx_coef else None
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     t, p = cfg.train, cfg.ppo
+    world = dist.world_size()
 
-    def plan(epoch: int):  # batches of prompt indices, a seeded shuffle per epoch
+    def plan(epoch: int):  # batches of prompt indices (prompts_per_step per rank), a seeded shuffle per epoch
         g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
         order = torch.randperm(len(prompts), generator=g).tolist()
-        n = cfg.rollout.prompts_per_step
+        n = cfg.rollout.prompts_per_step * world
         return [order[i:i + n] for i in range(0, len(order) - n + 1, n)] or [order]
 
     total = t.max_steps or max(1, int(t.epochs * len(plan(0))))
@@ -248,17 +272,18 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         kl_ctl.load_state_dict(loop["kl_ctl"]), moments.load_state_dict(loop["moments"])
         if ptx is not None:
             ptx.stream.load_state_dict(loop["ptx_stream"])
-    logger = MetricsLogger(out, cfg.log, redact(to_dict(cfg)), resume_step=start if resume else None)
-    logger.log(start, {"event": "start", "total_steps": total, "n_prompts": len(prompts),
+    logger = MetricsLogger(out, cfg.log, redact(to_dict(cfg)), resume_step=start if resume else None,
+                           main=dist.is_main())
+    logger.log(start, {"event": "start", "total_steps": total, "n_prompts": len(prompts), "world_size": world,
                        "layout": "shared_base" if actors.shared else "separate",
                        "trainable_params": M.count_parameters(actors.trainable)[0]})
-    bar = ProgressBar(total, start, cfg.log.progress, "ppo")
+    bar = ProgressBar(total, start, cfg.log.progress and dist.is_main(), "ppo")
     metrics: dict = {}
     step = start
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, replace(t, lr=group["base_lr"], min_lr=t.min_lr * group["base_lr"] / t.lr))
-        batch_prompts = [prompts[i] for i in stream.next()]
+        batch_prompts = [prompts[i] for i in dist.rank_slice(stream.next())]  # this rank's share
         exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
                                                    reward_stats, reward_fn)
         if cfg.ppo.offload_frozen:
@@ -269,13 +294,15 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         metrics.update(update_metrics, time_train=time.perf_counter() - t0)
         if cfg.ppo.offload_frozen:
             actors.frozen_to(device)
-        kl_ctl.update(metrics["kl"], len(batch))
+        kl_ctl.update(metrics["kl"], len(batch) * world)
         step += 1
         metrics.update(kl_coef=kl_ctl.value, lr=optimizer.param_groups[0]["lr"], skipped_steps=guard.total,
                        peak_mem_gb=peak_memory_gb(device),
-                       explained_variance=rl.explained_variance(exp["values"], exp["returns"], exp["mask"]))
+                       **mean_over_ranks({"explained_variance": rl.explained_variance(
+                           exp["values"], exp["returns"], exp["mask"])}))
         logger.log(step, metrics)
-        write_samples(out, logger, step, batch, raw, cfg.log.every)
+        if dist.is_main():
+            write_samples(out, logger, step, batch, raw, cfg.log.every)
         bar.update(step, reward=metrics["reward_mean"], kl=metrics["kl"])
         loop.update(kl_ctl=kl_ctl.state_dict(), moments=moments.state_dict())
         if ptx is not None:
@@ -283,7 +310,10 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if R.due(step, t.save_every):
             R.save(out, step, actors.trainable, optimizer, loop, stream, guard, t.keep_last)
     bar.close()
-    final = save_ppo_final(actors, tokenizer, cfg, out / "final")
+    final = out / "final"
+    with dist.gathered(actors.trainable) as full:  # rank 0 writes ordinary safetensors
+        if full is not None:
+            final = save_ppo_final(actors, tokenizer, cfg, final)
     logger.log(step, {"event": "end"})
     logger.close()
     return PPOResult(out, final, step, metrics, actors)
@@ -317,27 +347,34 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
         for rows in torch.randperm(n).split(p.mini_batch_size):
             mb = batch.select(rows)
             e = {k: v[rows.to(v.device)] for k, v in exp.items()}
-            with autocast(precision, device):
-                logp, entropy = RO.forward_response_logprobs(actors.policy, mb, cfg.rollout.temperature,
-                                                             with_entropy=True)
-                pg_loss, pg_stats = rl.policy_loss_clipped(logp, e["old_logp"], e["advantages"], e["mask"], p.clip)
-                values = RO.forward_response_values(actors.values_fn, mb)
-                vf_loss, vf_stats = rl.value_loss_clipped(values, e["values"], e["returns"], e["mask"], p.value_clip)
-                loss = p.vf_coef * vf_loss
-                if policy_on:
-                    loss = loss + pg_loss + rl.entropy_bonus(entropy, e["mask"], p.entropy_coef)
-                    if ptx is not None:
-                        ptx_loss = ptx.loss(actors.policy)
-                        loss = loss + p.ptx_coef * ptx_loss
-                        stats.setdefault("ptx_loss", []).append(float(ptx_loss))
+
+            def losses():  # one forward of the distributed root under torchrun
+                with autocast(precision, device):
+                    logp, entropy = RO.forward_response_logprobs(actors.policy, mb, cfg.rollout.temperature,
+                                                                 with_entropy=True)
+                    pg_loss, pg_stats = rl.policy_loss_clipped(logp, e["old_logp"], e["advantages"], e["mask"], p.clip)
+                    values = RO.forward_response_values(actors.values_fn, mb)
+                    vf_loss, vf_stats = rl.value_loss_clipped(values, e["values"], e["returns"], e["mask"], p.value_clip)
+                    loss = p.vf_coef * vf_loss
+                    if policy_on:
+                        loss = loss + pg_loss + rl.entropy_bonus(entropy, e["mask"], p.entropy_coef)
+                        if ptx is not None:
+                            ptx_loss = ptx.loss(actors.policy)
+                            loss = loss + p.ptx_coef * ptx_loss
+                            stats.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
+                return loss, pg_loss, vf_loss, pg_stats, vf_stats, entropy
+
+            loss, pg_loss, vf_loss, pg_stats, vf_stats, entropy = actors.run(losses)
             loss.backward()
             norms = clip_groups(optimizer, cfg.train.max_grad_norm)
-            optimizer_step(actors.trainable, optimizer, None, guard, float(loss.detach()), step)
+            # the mean over ranks: every rank skips (or takes) the step together
+            loss_value = dist.global_sum(float(loss.detach())) / dist.world_size()
+            optimizer_step(actors.trainable, optimizer, None, guard, loss_value, step)
             for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats,
                          "entropy": rl.masked_mean(entropy.detach(), e["mask"]), **norms}.items():
                 stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
     actors.trainable.train()
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    return mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
 
 
 def clip_groups(optimizer, max_norm: float | None) -> dict:
@@ -347,7 +384,7 @@ def clip_groups(optimizer, max_norm: float | None) -> dict:
         params = [q for q in g["params"] if q.grad is not None]
         if params:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-            out[f"grad_norm_{g['name']}"] = float(norm)
+            out[f"grad_norm_{g['name']}"] = dist.plain_norm(norm)
     return out
 
 
@@ -371,7 +408,8 @@ class PtxSource:
     def loss(self, policy) -> torch.Tensor:
         from instructkit.engine.lm import lm_loss_sum, to_device
 
-        batch = to_device(self.collate(self.examples, self.stream.next()), self.device)
+        rows = self.stream.take(dist.world_size())[dist.rank()]  # each rank its own batch
+        batch = to_device(self.collate(self.examples, rows), self.device)
         total, n = lm_loss_sum(policy, batch)
         return total / max(n, 1)
 

@@ -17,6 +17,7 @@ from instructkit.config import ModelConfig, PretrainConfig, save_config, to_dict
 from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
+from instructkit.engine import distributed as dist
 from instructkit.engine.lm import evaluate_lm, lm_backward
 from instructkit.engine.logging import redact
 from instructkit.engine.optim import build_optimizer
@@ -121,8 +122,9 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
     t, d, precision = cfg.train, cfg.data, cfg.model.precision
-    tokenizer = load_pretrain_tokenizer(cfg, out)
-    corpus = build_corpus(d.train, tokenizer, d.cache_dir or out / "corpus", d.num_workers, d.split)
+    with dist.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse them
+        tokenizer = load_pretrain_tokenizer(cfg, out)
+        corpus = build_corpus(d.train, tokenizer, d.cache_dir or out / "corpus", d.num_workers, d.split)
     train_starts, val_starts = corpus.split(d.seq_len, d.val_fraction)
     if not train_starts:
         raise DataError(
@@ -130,9 +132,11 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
             f"window of data.seq_len={d.seq_len} (+1) after the validation split"
         )
     model = build_model(cfg, tokenizer, device, seed=t.seed)
+    dist.wrap(model, cfg.distributed, precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, t, device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
 
     def plan(epoch: int):  # micro-batches -> window start offsets
         return corpus.plan(d.seq_len, t.micro_batch_size, seed=t.seed, epoch=epoch, val_fraction=d.val_fraction)
@@ -159,6 +163,9 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
     shape = cfg.model.shape or "custom"
-    final = M.save_final(model, tokenizer, out / "final", ModelConfig(name_or_path=f"scratch:{shape}"))
+    final = out / "final"
+    with dist.gathered(model) as full:  # rank 0 writes ordinary safetensors
+        if full is not None:
+            final = M.save_final(full, tokenizer, final, ModelConfig(name_or_path=f"scratch:{shape}"))
     return PretrainResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                           result.stopped_early, model, tokenizer, corpus)

@@ -16,6 +16,7 @@ import torch
 from instructkit import data as D
 from instructkit import models as M
 from instructkit.config import RMConfig, save_config, to_dict
+from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import to_device
@@ -48,7 +49,7 @@ def score_batch(model, batch: dict, device, precision: str) -> torch.Tensor:
     """Rewards [R] of a collated preference batch (rows: groups in order, best first)."""
     batch = to_device(batch, device)
     with autocast(precision, device):
-        return M.reward_scores(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return dist.through(model, M.reward_scores, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
 
 
 def run(cfg: RMConfig, resume: bool = False) -> RMResult:
@@ -56,12 +57,15 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
-    tokenizer = M.load_tokenizer(cfg.model)
-    pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
+    with dist.main_first():  # rank 0 fills the model caches first
+        tokenizer = M.load_tokenizer(cfg.model)
+        pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
+    dist.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, cfg.train, device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
 
     def plan(epoch: int):  # micro-batches of `micro_batch_size` prompts (groups)
@@ -78,17 +82,21 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
         return per_group, center, rewards[better], rewards[worse]
 
     def backward(planned: list) -> tuple[float, dict]:
-        # Normalise over the whole step's prompts so accumulation equals a bigger batch.
-        n_groups = sum(len(groups) for groups in planned)
+        # Normalise over the whole step's prompts (on all ranks) so accumulation and more
+        # ranks equal a bigger batch; x world size because FSDP/DDP average the ranks' gradients.
+        n_groups = dist.global_sum(sum(len(groups) for groups in planned))
+        scale = dist.world_size() / n_groups
         total, rb, rw = 0.0, [], []
-        for groups in planned:
-            per_group, center, b, w = losses(D.collate_preference(pref.train, groups, pad))
-            loss = per_group.sum() / n_groups + cfg.rm.center_coef * center * len(groups) / n_groups
-            loss.backward()
-            total += float(loss.detach())
+        for i, groups in enumerate(planned):
+            with dist.grad_sync(model, i == len(planned) - 1):
+                per_group, center, b, w = losses(D.collate_preference(pref.train, groups, pad))
+                loss = (per_group.sum() + cfg.rm.center_coef * center * len(groups)) * scale
+                loss.backward()
+            total += float(loss.detach()) / dist.world_size()
             rb.append(b.detach()), rw.append(w.detach())
-        metrics = {k: float(v) for k, v in reward_metrics(torch.cat(rb), torch.cat(rw)).items()}
-        return total, metrics
+        rb, rw = dist.gather_cat(torch.cat(rb)), dist.gather_cat(torch.cat(rw))
+        metrics = {k: float(v) for k, v in reward_metrics(rb, rw).items()}
+        return dist.global_sum(total), metrics
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -112,7 +120,10 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
     mean, std = reward_statistics(model, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
-    final = M.save_reward_model(model, tokenizer, out / "final", cfg.model, mean, std)
+    final = out / "final"
+    with dist.gathered(model) as full:  # rank 0 writes ordinary safetensors
+        if full is not None:
+            final = M.save_reward_model(full, tokenizer, final, cfg.model, mean, std)
     return RMResult(out, Path(final), result.steps, result.loss, result.eval_metrics, mean, std, model, tokenizer)
 
 

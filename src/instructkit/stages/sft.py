@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from instructkit import data as D
+from instructkit import data
 from instructkit import models as M
 from instructkit.config import SFTConfig, save_config, to_dict
+from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import evaluate_lm, lm_backward
@@ -37,28 +38,31 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
-    tokenizer = M.load_tokenizer(cfg.model)
-    sft_data = D.build_sft_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    model = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+    with D.main_first():  # rank 0 fills the caches (converted GGUF, merged adapter) first
+        tokenizer = M.load_tokenizer(cfg.model)
+        sft_data = data.build_sft_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        model = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+    D.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, cfg.train, device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     t, precision = cfg.train, cfg.model.precision
     lengths = [len(ex["input_ids"]) for ex in sft_data.train]
 
     def plan(epoch: int):  # micro-batches -> rows -> example indices
-        return D.plan_micro_batches(lengths, t.micro_batch_size, cfg.data.max_seq_len,
+        return data.plan_micro_batches(lengths, t.micro_batch_size, cfg.data.max_seq_len,
                                     cfg.data.packing, cfg.data.group_by_length, seed=t.seed, epoch=epoch)
 
     def collate(rows, examples):
-        return D.collate(examples, rows, tokenizer.pad_token_id, cfg.model.attn_implementation)
+        return data.collate(examples, rows, tokenizer.pad_token_id, cfg.model.attn_implementation)
 
     def backward(planned):
         micro_batches = [collate(rows, sft_data.train) for rows in planned]
         return lm_backward(model, micro_batches, device, precision, t.loss_chunk_size), {}
 
     def eval_batches(examples):
-        rows_plan = D.plan_micro_batches([len(e["input_ids"]) for e in examples], t.micro_batch_size,
+        rows_plan = data.plan_micro_batches([len(e["input_ids"]) for e in examples], t.micro_batch_size,
                                          cfg.data.max_seq_len, packing=False, group_by_length=True, seed=0, epoch=0)
         return (collate(rows, examples) for rows in rows_plan[: t.eval_max_batches or None])
 
@@ -81,7 +85,10 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
-    final = M.save_final(model, tokenizer, out / "final", cfg.model)
+    final = out / "final"
+    with D.gathered(model) as full:  # rank 0 writes ordinary safetensors
+        if full is not None:
+            final = M.save_final(full, tokenizer, final, cfg.model)
     return SFTResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                      result.stopped_early, model, tokenizer)
 
@@ -93,10 +100,12 @@ def log_samples(model, tokenizer, cfg: SFTConfig, step: int, out: Path, logger) 
     from instructkit.generate import generate_responses
 
     prompts = cfg.log.generation_prompts
-    responses = generate_responses(
+    responses = generate_responses(  # every rank takes part (a sharded model); rank 0 writes
         model, tokenizer, prompts, max_new_tokens=cfg.log.generation_max_new_tokens,
         temperature=0.0, system_prompt=cfg.data.system_prompt, template=cfg.data.template,
     )
+    if not D.is_main():
+        return
     with open(out / "samples.jsonl", "a") as f:
         for p, r in zip(prompts, responses):
             f.write(json.dumps({"step": step, "prompt": p, "response": r}) + "\n")
