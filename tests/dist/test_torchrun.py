@@ -88,6 +88,14 @@ def test_two_fsdp_ranks_train_like_one_process(full_runs):
     assert curve(full_runs / "two")[4] < curve(full_runs / "two")[1]  # it trained
 
 
+def test_zero_stage_2_with_activation_checkpointing_trains_the_same(full_runs, tmp_path):
+    # ZeRO-2 = FSDP2 keeping parameters gathered after forward; checkpointing per decoder layer
+    torchrun(2, "sft", "configs/tiny/sft_full.yaml", f"output_dir={tmp_path}", *SFT_FULL,
+             "distributed.zero_stage=2", "model.gradient_checkpointing=true")
+    assert_same_curve(full_runs / "one", tmp_path, "loss")
+    assert_same_curve(full_runs / "one", tmp_path, "eval_loss")
+
+
 def test_final_model_is_gathered_into_plain_safetensors(full_runs):
     from transformers import AutoModelForCausalLM
 

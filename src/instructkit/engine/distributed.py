@@ -277,6 +277,9 @@ def wrap(model: nn.Module, dcfg, precision: str, device: torch.device) -> nn.Mod
     if not active():
         return model
     plan = resolve_plan(dcfg)
+    if plan.cpu_offload and device.type == "cpu":
+        raise UserError("distributed.cpu_offload moves GPU shards into CPU memory; these ranks run on the "
+                        "CPU already: drop it")
     if plan.strategy == "fsdp" and any(type(p).__name__ == "Params4bit" for p in model.parameters()):
         raise UserError(
             "adapter.kind=qlora cannot be sharded by FSDP2 (bitsandbytes' 4-bit weights are not "
