@@ -308,6 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TORCHRUN_COMMANDS = ("sft", "rm", "dpo", "ppo", "pretrain")
+
+
+def check_launch(command: str) -> None:
+    """Only the training stages run on several processes; anything else started by torchrun
+    would run once per rank and write the same files at the same time."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in TORCHRUN_COMMANDS:
+        what = ("run its training stages one by one under torchrun, with output_dir and model paths "
+                "chained by hand, or the whole pipeline in one process" if command == "pipeline"
+                else "run it in one process (without torchrun)")
+        raise UserError(f"`instructkit {command}` does not run under torchrun "
+                        f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): {what}. Under torchrun: "
+                        f"{', '.join(TORCHRUN_COMMANDS)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value arguments may also come after options (`export M --dtype q8_0 output=m.gguf`)
@@ -318,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         target.extend(extra)
     try:
+        check_launch(args.command)
         return args.func(args)
     except UserError as e:
         if args.debug:

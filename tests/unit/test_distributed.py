@@ -88,3 +88,14 @@ def test_whitening_with_a_sum_over_ranks_uses_the_global_statistics():
     out = rl.masked_whiten(values, mask, sum_over_ranks=plus_shifted)
     assert float(out[0, 0]) == pytest.approx(-7 / 27 ** 0.5, rel=1e-5)
     assert float(out[1, 2]) == 0.0  # masked out
+
+
+def test_commands_that_are_not_training_stages_refuse_torchrun(monkeypatch, capsys):
+    from instructkit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pipeline", "configs/tiny/pipeline.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "does not run under torchrun" in err and "one process" in err
+    assert main(["merge", "runs/x/final", "out"]) == 2
+    assert "does not run under torchrun" in capsys.readouterr().err
