@@ -22,6 +22,8 @@ import contextlib
 import os
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -379,3 +381,10 @@ def gathered(model: nn.Module):
         yield model if is_main() else None
     finally:
         barrier()
+
+
+def save_on_main(model: nn.Module, save: Callable[[nn.Module], object], path: Path) -> Path:
+    """``save(model)`` on rank 0 with the full weights gathered (every rank must call this);
+    returns the folder ``save`` reports, or ``path`` on the other ranks."""
+    with gathered(model) as full:
+        return Path(save(full)) if full is not None else Path(path)

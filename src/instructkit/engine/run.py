@@ -25,6 +25,15 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
         )
 
 
+def write_config(cfg, output_dir: Path) -> None:
+    """The run's resolved config as ``config.yaml`` (rank 0 only under torchrun)."""
+    from instructkit.config import save_config
+
+    if D.is_main():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(output_dir) / "config.yaml")
+
+
 def new_loop_state() -> dict:
     return {"tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
 

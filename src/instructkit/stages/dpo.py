@@ -18,7 +18,7 @@ import torch
 
 from instructkit import data as D
 from instructkit import models as M
-from instructkit.config import AdapterConfig, DPOConfig, save_config, to_dict
+from instructkit.config import AdapterConfig, DPOConfig, to_dict
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
@@ -84,9 +84,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
                         else frozen_reference(cfg, tokenizer, device))
     dist.wrap(policy, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(policy, cfg.train, device)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    R.write_config(cfg, out)
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
     average = cfg.dpo.loss == "ipo"  # IPO compares per-token mean log-probs
     loss_of = loss_fn(cfg)
@@ -157,10 +155,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
     )
     result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
-    final = out / "final"
-    with dist.gathered(policy) as full:  # rank 0 writes ordinary safetensors
-        if full is not None:
-            final = M.save_final(full, tokenizer, final, cfg.model)
+    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
+        policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model), out / "final")
     return DPOResult(out, Path(final), result.steps, result.loss, result.eval_metrics, policy, tokenizer)
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from instructkit import models as M
 from instructkit import rl
 from instructkit import rollout as RO
-from instructkit.config import AdapterConfig, PPOConfig, save_config, to_dict
+from instructkit.config import AdapterConfig, PPOConfig, to_dict
 from instructkit.data.prompts import load_prompts
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
@@ -248,9 +248,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalize == "stored" else (0.0, 1.0))
     optimizer = build_ppo_optimizer(actors, cfg, device)
     ptx = PtxSource(cfg, tokenizer, device) if cfg.ppo.ptx_coef else None
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    R.write_config(cfg, out)
     t, p = cfg.train, cfg.ppo
     world = dist.world_size()
 
@@ -310,10 +308,8 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if R.due(step, t.save_every):
             R.save(out, step, actors.trainable, optimizer, loop, stream, guard, t.keep_last)
     bar.close()
-    final = out / "final"
-    with dist.gathered(actors.trainable) as full:  # rank 0 writes ordinary safetensors
-        if full is not None:
-            final = save_ppo_final(actors, tokenizer, cfg, final)
+    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
+        actors.trainable, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"), out / "final")
     logger.log(step, {"event": "end"})
     logger.close()
     return PPOResult(out, final, step, metrics, actors)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from instructkit import models as M
-from instructkit.config import ModelConfig, PretrainConfig, save_config, to_dict
+from instructkit.config import ModelConfig, PretrainConfig, to_dict
 from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
@@ -134,9 +134,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     model = build_model(cfg, tokenizer, device, seed=t.seed)
     dist.wrap(model, cfg.distributed, precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, t, device)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    R.write_config(cfg, out)
 
     def plan(epoch: int):  # micro-batches -> window start offsets
         return corpus.plan(d.seq_len, t.micro_batch_size, seed=t.seed, epoch=epoch, val_fraction=d.val_fraction)
@@ -163,9 +161,8 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
     shape = cfg.model.shape or "custom"
-    final = out / "final"
-    with dist.gathered(model) as full:  # rank 0 writes ordinary safetensors
-        if full is not None:
-            final = M.save_final(full, tokenizer, final, ModelConfig(name_or_path=f"scratch:{shape}"))
+    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
+        model, lambda full: M.save_final(full, tokenizer, out / "final", ModelConfig(name_or_path=f"scratch:{shape}")),
+        out / "final")
     return PretrainResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                           result.stopped_early, model, tokenizer, corpus)

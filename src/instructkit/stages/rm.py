@@ -15,7 +15,7 @@ import torch
 
 from instructkit import data as D
 from instructkit import models as M
-from instructkit.config import RMConfig, save_config, to_dict
+from instructkit.config import RMConfig, to_dict
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
@@ -63,9 +63,7 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
         model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
     dist.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, cfg.train, device)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    R.write_config(cfg, out)
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
 
     def plan(epoch: int):  # micro-batches of `micro_batch_size` prompts (groups)
@@ -120,10 +118,8 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
     mean, std = reward_statistics(model, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
-    final = out / "final"
-    with dist.gathered(model) as full:  # rank 0 writes ordinary safetensors
-        if full is not None:
-            final = M.save_reward_model(full, tokenizer, final, cfg.model, mean, std)
+    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
+        model, lambda full: M.save_reward_model(full, tokenizer, out / "final", cfg.model, mean, std), out / "final")
     return RMResult(out, Path(final), result.steps, result.loss, result.eval_metrics, mean, std, model, tokenizer)
 
 

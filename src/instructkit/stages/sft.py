@@ -11,7 +11,7 @@ from pathlib import Path
 
 from instructkit import data
 from instructkit import models as M
-from instructkit.config import SFTConfig, save_config, to_dict
+from instructkit.config import SFTConfig, to_dict
 from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
@@ -44,9 +44,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
         model = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
     D.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, cfg.train, device)
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    R.write_config(cfg, out)
     t, precision = cfg.train, cfg.model.precision
     lengths = [len(ex["input_ids"]) for ex in sft_data.train]
 
@@ -85,10 +83,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
-    final = out / "final"
-    with D.gathered(model) as full:  # rank 0 writes ordinary safetensors
-        if full is not None:
-            final = M.save_final(full, tokenizer, final, cfg.model)
+    final = D.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
+        model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model), out / "final")
     return SFTResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                      result.stopped_early, model, tokenizer)
 
