@@ -239,6 +239,21 @@ def test_qlora_settings_from_the_run_config(adapter_dir):
     assert qlora_settings(src, meta) is None
 
 
+def test_save_final_records_the_adapter_kind_for_merge(tmp_path):
+    from instructkit.config import AdapterConfig
+
+    src = tmp_path / "final"
+    save_final(_adapter_model(False), tiny_tokenizer(), src, ModelConfig(name_or_path="tiny-llama"),
+               AdapterConfig(kind="qlora", quant_type="fp4", double_quant=False))
+    meta = json.loads((src / "instructkit.json").read_text())
+    assert meta["adapter"]["kind"] == "qlora"
+    # no run config.yaml next to the folder: the record alone tells merge
+    assert qlora_settings(src) == {"quant_type": "fp4", "double_quant": False}
+    save_final(_adapter_model(False), tiny_tokenizer(), src, ModelConfig(name_or_path="tiny-llama"),
+               AdapterConfig(kind="lora"))
+    assert qlora_settings(src) is None
+
+
 def test_qlora_merges_into_the_dequantised_base(tmp_path):
     """A QLoRA adapter on a local full-precision base: merged into dequantize(quantize(W)),
     with a warning about the quality loss."""

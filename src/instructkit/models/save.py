@@ -118,8 +118,11 @@ def _save_base(base: nn.Module, folder: Path) -> None:
         plain.save_pretrained(str(folder))
 
 
-def save_final(model, tokenizer, out_dir, model_cfg) -> Path:
-    """Write the final model to ``out_dir`` (atomically; an older folder is replaced)."""
+def save_final(model, tokenizer, out_dir, model_cfg, adapter_cfg=None) -> Path:
+    """Write the final model to ``out_dir`` (atomically; an older folder is replaced).
+
+    ``adapter_cfg``: the run's adapter section, recorded in ``instructkit.json`` for adapter
+    models (``merge`` needs to know a QLoRA adapter, whose base was trained 4-bit)."""
     if type(model).__name__ == "DistributedDataParallel":
         model = model.module
     out = Path(out_dir)
@@ -140,6 +143,10 @@ def save_final(model, tokenizer, out_dir, model_cfg) -> Path:
     }
     if _is_peft(model):
         meta["kind"] = "adapter"
+        if adapter_cfg is not None:
+            meta["adapter"] = {"kind": adapter_cfg.kind, "r": adapter_cfg.r, "alpha": adapter_cfg.alpha}
+            if adapter_cfg.kind == "qlora":
+                meta["adapter"].update(quant_type=adapter_cfg.quant_type, double_quant=adapter_cfg.double_quant)
         # save_embedding_layers=False: peft's "auto" looks the base up on the hub.
         model.save_pretrained(str(tmp), save_embedding_layers=False)
         if source_kind in ("tiny", "gguf", "adapter"):

@@ -156,7 +156,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
     result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
-        policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model), out / "final")
+        policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
     return DPOResult(out, Path(final), result.steps, result.loss, result.eval_metrics, policy, tokenizer)
 
 

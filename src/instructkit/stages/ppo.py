@@ -437,6 +437,6 @@ def save_ppo_final(actors: Actors, tokenizer, cfg: PPOConfig, final: Path) -> Pa
     else:
         mean_std = (0.0, 1.0)
         M.save_reward_model(actors.value_model, tokenizer, tmp_value, cfg.policy, *mean_std)
-    final = Path(M.save_final(actors.policy, tokenizer, final, cfg.policy))
+    final = Path(M.save_final(actors.policy, tokenizer, final, cfg.policy, cfg.adapter))
     tmp_value.rename(final / "value")
     return final

@@ -84,7 +84,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume)
     final = D.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
-        model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model), out / "final")
+        model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
     return SFTResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                      result.stopped_early, model, tokenizer)
 
