@@ -249,10 +249,6 @@ class Entry(nn.Module):
 _ROOTS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
-def root_of(model: nn.Module) -> nn.Module | None:
-    return _ROOTS.get(model)
-
-
 def decoder_layers_of(model: nn.Module) -> list[nn.Module]:
     """Every decoder layer inside ``model`` (any nesting: peft wrappers, a ModuleDict of a
     policy and a value model): the modules transformers itself checkpoints per layer."""
