@@ -152,3 +152,26 @@ def test_bad_reward_function_is_a_clear_error(tmp_path, capsys):
                  "reward.function=no_such_module:fn"])
     err = capsys.readouterr().err
     assert code == 2 and "no_such_module" in err and "Traceback" not in err
+
+
+def test_shared_layout_keeps_frozen_layers_frozen_when_switching_adapters():
+    import os
+
+    from instructkit.config import PPOConfig, load_config
+    from instructkit.models import load_tokenizer
+    from instructkit.stages.ppo import Actors
+
+    repo = Path(__file__).resolve().parents[2]
+    old = os.getcwd()
+    os.chdir(repo)
+    try:
+        cfg = load_config(PPOConfig, repo / "configs/tiny/ppo.yaml", ["policy.freeze_layers=1", "policy.device=cpu"])
+        actors = Actors(cfg, load_tokenizer(cfg.policy), torch.device("cpu"))
+    finally:
+        os.chdir(old)
+    for name in ("value", "default"):
+        actors.use(name)
+        lora = {n: p.requires_grad for n, p in actors.policy.named_parameters() if "lora_" in n}
+        assert any(".value." in n for n in lora) and any(".default." in n for n in lora)
+        assert not any(v for n, v in lora.items() if ".layers.0." in n), name  # frozen by freeze_layers=1
+        assert all(v for n, v in lora.items() if ".layers.1." in n), name  # both adapters trainable

@@ -71,6 +71,10 @@ class Actors:
             self.reward_model = load_frozen_reward(cfg, device)
             check_same_vocab(self.reward_model, self.policy, cfg.reward.name_or_path)
         if self.shared:
+            # LoRA weights left trainable by loading (policy.freeze_layers freezes the first
+            # layers' adapters too); the value adapter follows the same pattern.
+            self.lora_trainable = {n for n, p in self.policy.named_parameters() if "lora_" in n and p.requires_grad}
+            self.lora_trainable |= {n.replace(".default.", ".value.") for n in self.lora_trainable}
             self.policy.add_adapter("value", copy.deepcopy(self.policy.peft_config["default"]))
             self.value_head = value_head_like(self.policy, self.reward_model).to(device)
             self.ref_copy = None
@@ -90,11 +94,12 @@ class Actors:
     # -- adapters (shared layout) -------------------------------------------------------
     def use(self, name: str) -> None:
         """Make adapter ``name`` the active one, keeping BOTH adapters trainable (peft's
-        set_adapter freezes the inactive one; the optimizer and checkpoints hold both)."""
+        set_adapter freezes the inactive one; the optimizer and checkpoints hold both), except
+        in layers that ``policy.freeze_layers`` froze."""
         self.policy.set_adapter(name)
         for n, p in self.policy.named_parameters():
             if "lora_" in n:
-                p.requires_grad_(True)
+                p.requires_grad_(n in self.lora_trainable)
 
     @contextlib.contextmanager
     def reference(self):
