@@ -314,14 +314,14 @@ TORCHRUN_COMMANDS = ("sft", "rm", "dpo", "ppo", "pretrain")
 def check_launch(command: str) -> None:
     """Only the training stages run on several processes; anything else started by torchrun
     would run once per rank and write the same files at the same time."""
-    import os
+    from instructkit.engine.distributed import env_world_size
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in TORCHRUN_COMMANDS:
+    if env_world_size() > 1 and command not in TORCHRUN_COMMANDS:
         what = ("run its training stages one by one under torchrun, with output_dir and model paths "
                 "chained by hand, or the whole pipeline in one process" if command == "pipeline"
                 else "run it in one process (without torchrun)")
         raise UserError(f"`instructkit {command}` does not run under torchrun "
-                        f"(WORLD_SIZE={os.environ['WORLD_SIZE']}): {what}. Under torchrun: "
+                        f"(WORLD_SIZE={env_world_size()}): {what}. Under torchrun: "
                         f"{', '.join(TORCHRUN_COMMANDS)}")
 
 

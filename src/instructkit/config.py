@@ -376,9 +376,9 @@ def load_config(
 
     ``world_size``: for ``train.global_batch_size``; default: what torchrun announced."""
     if world_size is None:
-        import os
+        from instructkit.engine.distributed import env_world_size
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = env_world_size()
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = "<defaults>"

@@ -118,11 +118,7 @@ def _backend_device() -> torch.device:
 
 def global_sum(x: float | int) -> float:
     """Sum of a number over all ranks (the number itself in one process)."""
-    if not active():
-        return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64, device=_backend_device())
-    _dist().all_reduce(t)
-    return float(t.item())
+    return global_sums([x])[0]
 
 
 def global_sums(values: list[float]) -> list[float]:
