@@ -193,7 +193,7 @@ def converted_gguf(gguf_path: str | Path) -> Path:
         importlib.import_module("gguf")
     except ImportError:
         raise UserError(
-            f"loading {src.name} needs the gguf package: pip install 'instructkit[gguf]'"
+            f"loading {src.name} needs the gguf package (a dependency of instructkit): pip install gguf"
         ) from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
