@@ -252,6 +252,11 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0
     micro_batch_size: int = 8  # for the log-prob, value and reward passes
+    # A response ends at its first stop token. Default: the model's generation_config EOS ids,
+    # the tokenizer's EOS and the token the chat template puts after an answer; either of these
+    # replaces that set (token ids, or strings that are one token each).
+    stop_token_ids: list[int] | None = None
+    stop_strings: list[str] | None = None
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from instructkit.engine import distributed as D
@@ -31,7 +33,7 @@ def generate_responses(
 
     # The same rendering as in training, cut where the answer starts.
     prompt_ids = [build_prompt_ids(p, tokenizer, template, system_prompt) for p in prompts]
-    eos = _stop_ids(tokenizer)
+    eos = stop_token_ids(tokenizer, model, template)
     out: list[str] = []
     try:
         for i in range(0, len(prompt_ids), batch_size):
@@ -61,14 +63,51 @@ def _generate(model, enc: dict, kwargs: dict) -> torch.Tensor:
     return model.generate(**enc, **kwargs)
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    # Chat templates often end a turn with their own token (ChatML <|im_end|>, Llama-3 <|eot_id|>).
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
+def stop_token_ids(
+    tokenizer,
+    model=None,
+    template: str = "auto",
+    override: Sequence[int | str] | None = None,
+) -> list[int]:
+    """The token ids that end a generated answer: the one stop set of PPO rollouts, ``generate``,
+    evaluation samples, chat and the local judge.
+
+    The union of the model's ``generation_config.eos_token_id`` (an int or a list), the
+    tokenizer's EOS, and the token the template puts after an assistant answer
+    (:func:`instructkit.data.templates.end_of_turn_id`: ``<|im_end|>``, ``<|eot_id|>``, Gemma's
+    ``<end_of_turn>``, Phi-3's ``<|end|>``, ...). ``override`` (token ids, or token strings that
+    are single tokens of the vocabulary) replaces the derived set. Sorted ids; a ValueError
+    when nothing is left (no EOS anywhere) or an override string is not one token.
+    """
+    if override:
+        return sorted({_one_token_id(tokenizer, t) for t in override})
+    from instructkit.data.templates import end_of_turn_id
+
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
+    eot = end_of_turn_id(tokenizer, template)
+    if eot is not None:
+        ids.add(eot)
+    if not ids:
+        raise ValueError("no stop token: the tokenizer has no EOS and the template closes no turn")
+    return sorted(ids)
+
+
+def _one_token_id(tokenizer, token: int | str) -> int:
+    if isinstance(token, int) and not isinstance(token, bool):
+        if not 0 <= token < len(tokenizer):
+            raise ValueError(f"stop token id {token} is outside the vocabulary (0..{len(tokenizer) - 1})")
+        return token
+    ids = tokenizer.encode(str(token), add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"stop string {token!r} is {len(ids)} tokens, not one: a response ends at a token (its "
+            "log-probs and the reward are read per token), so give a single token or its id"
+        )
+    return ids[0]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> dict:

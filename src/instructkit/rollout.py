@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from instructkit.errors import UserError
-from instructkit.generate import _stop_ids, left_pad
+from instructkit.generate import left_pad, stop_token_ids
 from instructkit.losses import IGNORE_INDEX, token_logprobs
 from instructkit.models.adapters import unwrap
 from instructkit.models.heads import backbone, position_ids_from_mask, reward_scores, score_head
@@ -158,14 +158,14 @@ def build_batch(
     """A :class:`RolloutBatch` from prompts and raw sampled responses.
 
     prompt_ids: lists of ids (left-padded here) or an already left-padded ``(ids, mask)``
-    pair [B, P]; response_ids: [B, T] on the same device; stop_ids: default the tokenizer's
-    EOS and end-of-turn tokens. Tokens after the first stop are replaced by the pad id.
+    pair [B, P]; response_ids: [B, T] on the same device; stop_ids: default
+    :func:`instructkit.generate.stop_token_ids` of the tokenizer. Tokens after the first stop are replaced by the pad id.
     prompts: the prompt texts to keep (default: decoded prompt ids, special tokens skipped).
     """
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token (use instructkit's fix_pad_token)")
-    stop_ids = list(stop_ids) if stop_ids is not None else _stop_ids(tokenizer)
+    stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
     if isinstance(prompt_ids, tuple):
         p_ids, p_mask = prompt_ids
     else:
@@ -239,8 +239,13 @@ def _seeded(seed: int | None, device: torch.device):
 
 def _sampling_kwargs(model, temperature: float, top_p: float, top_k: int) -> dict:
     """Explicit values for every logits processor that a checkpoint's generation config could
-    switch on, so the sampling distribution is softmax(logits / temperature) cut by top_k /
-    top_p only (what the PPO ratio assumes)."""
+    switch on, so tokens are drawn from softmax(logits / temperature) cut by top_k / top_p only.
+
+    What PPO computes is not that cut distribution: the old, reference and new log-probs
+    (:func:`forward_response_logprobs`) are of the full softmax(logits / temperature), as in TRL
+    and OpenRLHF. With top_k 0 and top_p 1 (the defaults) the two are the same and the first
+    epoch's ratio is exactly 1; with a cut, the sampled tokens come from a renormalised
+    sub-vocabulary whose probabilities the ratio does not use, a small off-policy bias."""
     kwargs = dict(
         do_sample=True,
         temperature=float(temperature),
@@ -288,7 +293,7 @@ def sample(
     batches of ``batch_size`` rows (default: all at once).
 
     prompt_ids: token ids of each prompt (``instructkit.data.build_prompt_ids``); stop_ids:
-    default EOS plus the template's end-of-turn token. temperature > 0; top_k 0 and top_p 1
+    default :func:`instructkit.generate.stop_token_ids` of the tokenizer and model. temperature > 0; top_k 0 and top_p 1
     disable those cuts. seed: sample from this seed and leave the global RNG as it was (None:
     use the global RNG). synced_gpus: every rank keeps stepping until all are done (a sharded
     model needs every rank in every forward). Works with peft models. The model is in eval mode while sampling and
@@ -303,7 +308,7 @@ def sample(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token (use instructkit's fix_pad_token)")
-    stop_ids = list(stop_ids) if stop_ids is not None else _stop_ids(tokenizer)
+    stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
     enc = left_pad(prompt_ids, pad_id, device)
     p_ids, p_mask = enc["input_ids"], enc["attention_mask"]

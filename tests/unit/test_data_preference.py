@@ -17,6 +17,7 @@ from instructkit.data import (
     PreferenceGroup,
     build_preference_data,
     collate_preference,
+    cut_after_answer,
     detect_preference_format,
     load_records,
     pairs_of,
@@ -354,10 +355,11 @@ def test_data_pref_prompt_masked_response_and_eos_trained(template, chat, end):
     for r, text in zip(ex.responses, g.responses):
         # (a template that puts a space before the answer trains it with the answer, as in SFT)
         assert decode_trained(tok, r).lstrip(" ") == text + end
-        # identical to SFT's tokenization of the same conversation
+        # SFT's tokenization of the same conversation, cut after the answer's closing token:
+        # a reward model reads its score there, where PPO cuts a sampled response
         sft, _ = tokenize_conversation(g.prompt + [{"role": "assistant", "content": text}], tok,
                                        template, 256)
-        assert r == sft
+        assert r == cut_after_answer(sft) and r["labels"][-1] != -100
         assert r["input_ids"][: len(ex.prompt_ids)] == ex.prompt_ids
         assert all(lab == -100 for lab in r["labels"][: len(ex.prompt_ids)])
         assert r["labels"][len(ex.prompt_ids)] != -100

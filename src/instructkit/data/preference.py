@@ -69,6 +69,7 @@ from instructkit.data.readers import as_text, load_records
 from instructkit.data.sft import split_indices
 from instructkit.data.templates import (
     TokenizerInfo,
+    cut_after_answer,
     has_target,
     resolve_template,
     tokenize_conversations,
@@ -509,6 +510,7 @@ def _group_example(rows: list[dict], info: TokenizerInfo, max_seq_len: int, stat
     bos = info.bos_prefix
     items = []  # (ids, labels, response start, BOS length, fewest prompt tokens to keep)
     for ex in rows:
+        ex = cut_after_answer(ex)  # the row ends at the token that closes the answer
         ids, labels = ex["input_ids"], ex["labels"]
         s = _response_start(labels)
         if s is None:

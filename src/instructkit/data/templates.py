@@ -423,6 +423,39 @@ def tokenize_conversations(
     return out
 
 
+def end_of_turn_id(tokenizer, template: str = "auto", *, info: TokenizerInfo | None = None) -> int | None:
+    """The token that closes an assistant answer in this rendering: the last trained token of
+    a one-turn probe conversation. With a chat template that is the special token the template
+    puts after the answer (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``...), or
+    EOS where the template closes a turn with no special token (the renderer inserts it); with
+    the Alpaca template it is EOS. Training, reward-model rows and generation all end a turn
+    at this token. None only when the tokenizer has neither."""
+    info = info or tokenizer_info(tokenizer)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        example, _ = tokenize_conversation(conv, tokenizer, template, 1 << 30, info=info)
+    except DataError:
+        return info.eos_id
+    trained = [t for t in example["labels"] if t != IGNORE_INDEX]
+    return trained[-1] if trained else info.eos_id
+
+
+def cut_after_answer(example: dict) -> dict:
+    """The example without the untrained tokens after its last trained one.
+
+    A ChatML rendering ends ``<|im_end|>``, ``\n``: the newline belongs to the template, not to
+    the answer. A reward model reads its score at the last token of the row, and PPO cuts a
+    sampled response at its first stop token and reads the score there, so a reward-model
+    row must end at the token that closes the answer (OpenRLHF does the same)."""
+    labels = example["labels"]
+    e = len(labels)
+    while e > 0 and labels[e - 1] == IGNORE_INDEX:
+        e -= 1
+    if e in (0, len(labels)):
+        return example
+    return {**example, "input_ids": example["input_ids"][:e], "labels": labels[:e]}
+
+
 def has_target(example: dict) -> bool:
     """Whether an example has a label that the shifted loss can use (not the first token)."""
     return any(l != IGNORE_INDEX for l in example["labels"][1:])

@@ -88,7 +88,7 @@ def chat(
 
     from instructkit.data import build_prompt_ids
     from instructkit.data.templates import resolve_template
-    from instructkit.generate import _stop_ids
+    from instructkit.generate import stop_token_ids
 
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else sys.stdout
@@ -109,7 +109,7 @@ def chat(
     dev = next(model.parameters()).device
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     limit = max(ctx - max_new_tokens, 1) if ctx else None
-    eos = _stop_ids(tokenizer)
+    eos = stop_token_ids(tokenizer, model, template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     base = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[dict] = list(base)

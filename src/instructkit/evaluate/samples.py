@@ -116,14 +116,14 @@ def _generate_ids(model, tokenizer, chunk, sec) -> list[str]:
     import torch
 
     from instructkit.data import build_prompt_ids
-    from instructkit.generate import _stop_ids, left_pad
+    from instructkit.generate import left_pad, stop_token_ids
 
     ids = [build_prompt_ids(c, tokenizer, sec.template, sec.system_prompt)[-sec.max_prompt_len:]
            for c in chunk]
     device = next(model.parameters()).device
     enc = left_pad(ids, tokenizer.pad_token_id, device)
     kwargs = dict(max_new_tokens=sec.max_new_tokens, do_sample=sec.temperature > 0,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer),
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer, model, sec.template),
                   use_cache=True)
     if sec.temperature > 0:
         kwargs.update(temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k)

@@ -173,7 +173,7 @@ def value_head_like(policy, reward_model) -> nn.Linear:
 
 @torch.no_grad()
 def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef: float,
-                    moments: rl.RunningMoments, reward_stats, reward_fn):
+                    moments: rl.RunningMoments, reward_stats, reward_fn, stop_ids: list[int]):
     """Sample, score and turn into advantages.
 
     Returns (experience tensors for the update, metrics, the rollout batch, raw scores [B]).
@@ -185,7 +185,7 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
         batch = actors.run(lambda: RO.sample(
             actors.policy, tokenizer, [ids for _, ids in prompts], prompts=[t for t, _ in prompts],
             max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-            batch_size=ro.micro_batch_size, synced_gpus=dist.active()))
+            stop_ids=stop_ids, batch_size=ro.micro_batch_size, synced_gpus=dist.active()))
     batch = batch.to(device)
     times["time_generate"] = time.perf_counter() - t0
     gen_tokens = int(batch.response_mask.sum())
@@ -250,6 +250,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     # torchrun: the policy and value model are sharded with FSDP2; the frozen reward model and
     # reference copy are replicated on every rank.
     dist.wrap(actors.trainable, cfg.distributed, cfg.policy.precision, device)
+    stop_ids = rollout_stop_ids(cfg, tokenizer, actors.policy)
     reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalize == "stored" else (0.0, 1.0))
     optimizer = build_ppo_optimizer(actors, cfg, device)
     ptx = PtxSource(cfg, tokenizer, device) if cfg.ppo.ptx_coef else None
@@ -288,7 +289,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             group["lr"] = lr_at(step, total, replace(t, lr=group["base_lr"], min_lr=t.min_lr * group["base_lr"] / t.lr))
         batch_prompts = [prompts[i] for i in dist.rank_slice(stream.next())]  # this rank's share
         exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
-                                                   reward_stats, reward_fn)
+                                                   reward_stats, reward_fn, stop_ids)
         if cfg.ppo.offload_frozen:
             actors.frozen_to("cpu")
         t0 = time.perf_counter()
@@ -318,6 +319,19 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     logger.log(step, {"event": "end"})
     logger.close()
     return PPOResult(out, final, step, metrics, actors)
+
+
+def rollout_stop_ids(cfg: PPOConfig, tokenizer, policy) -> list[int]:
+    """The tokens that end a response (:func:`instructkit.generate.stop_token_ids`), or
+    ``rollout.stop_token_ids`` / ``rollout.stop_strings`` when set; a bad one is a UserError."""
+    from instructkit.generate import stop_token_ids
+
+    ro = cfg.rollout
+    override = list(ro.stop_token_ids or []) + list(ro.stop_strings or [])
+    try:
+        return stop_token_ids(tokenizer, policy, cfg.data.template, override or None)
+    except ValueError as e:
+        raise UserError(f"rollout.stop_token_ids / rollout.stop_strings: {e}") from None
 
 
 def build_ppo_optimizer(actors: Actors, cfg: PPOConfig, device):
