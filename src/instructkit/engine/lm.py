@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from instructkit.engine import distributed as D
 from instructkit.engine.runtime import autocast
 from instructkit.losses import IGNORE_INDEX, chunked_cross_entropy_sum, sft_loss_sum
+
+log = logging.getLogger("instructkit.engine")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -26,32 +29,62 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
-def _head(model):
-    """The decoder stack and LM head weight, when the model exposes them (most causal LMs)."""
+# Causal LMs whose forward is exactly `logits = lm_head(hidden)`, read in transformers'
+# modeling code. Not here, so they take their own forward: Granite (divides by
+# logits_scaling), Cohere (multiplies by logit_scale), Gemma-2/3 (soft-capping), and any
+# architecture nobody has read.
+PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3",
+    "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe",
+})
+
+
+def chunked_head(model) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """(decoder stack, LM head weight) when ``hidden @ weight.T`` is provably the model's logits.
+
+    That needs an architecture from ``PLAIN_HEAD_MODEL_TYPES`` and a head that is exactly a
+    bias-free ``nn.Linear``: a LoRA on ``lm_head`` (peft wraps it) or a quantized head is not,
+    and the chunked loss would skip its adapter. Otherwise None: use the model's forward."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_scaling", 1.0) != 1.0:
+        return None
     try:
         decoder = model.get_decoder()
         head = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
-        return None, None
-    if decoder is None or head is None or getattr(head, "bias", None) is not None:
-        return None, None
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None):  # Gemma-2: logits are post-processed
-        return None, None
+        return None
+    if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
     return decoder, head.weight
+
+
+def warn_if_unchunked(model, chunk_size: int) -> bool:
+    """Say once, at setup, when ``train.loss_chunk_size`` cannot be honoured. True if so."""
+    if chunk_size <= 0 or chunked_head(model) is not None:
+        return False
+    kind = getattr(getattr(model, "config", None), "model_type", "?")
+    log.warning("train.loss_chunk_size=%d is not used: the LM head of this %s model is not provably "
+                "a plain linear layer (scaled, soft-capped, adapted or unknown), so the loss uses "
+                "the model's own forward with full logits; set train.loss_chunk_size=0 to silence "
+                "this", chunk_size, kind)
+    return True
 
 
 def lm_loss_sum(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, int]:
     """Summed next-token loss of a collated batch and its target count.
 
-    With ``chunk_size > 0`` the LM head runs only on positions that carry a target (prompt
-    tokens need no logits) and in chunks whose logits are recomputed in backward; otherwise
-    the model's own full-logits forward is used. Both give the same value.
+    With ``chunk_size > 0`` and a plain head (``chunked_head``) the LM head runs only on
+    positions that carry a target (prompt tokens need no logits) and in chunks whose logits
+    are recomputed in backward; otherwise the model's own full-logits forward is used. Both
+    give the same value and gradients (tests/unit/test_chunked_head.py).
     """
     targets = batch["target_ids"]  # [B, L], already shifted
     if chunk_size > 0:
-        decoder, weight = _head(model)
-        if decoder is not None:
+        plain = chunked_head(model)
+        if plain is not None:
+            decoder, weight = plain
             hidden = decoder(**model_inputs(batch)).last_hidden_state  # [B, L, H]
             mask = targets != IGNORE_INDEX
             n = int(mask.sum())

@@ -18,7 +18,7 @@ from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine import distributed as dist
-from instructkit.engine.lm import evaluate_lm, lm_backward
+from instructkit.engine.lm import evaluate_lm, lm_backward, warn_if_unchunked
 from instructkit.engine.logging import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import resolve_device, seed_everything
@@ -132,6 +132,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
             f"window of data.seq_len={d.seq_len} (+1) after the validation split"
         )
     model = build_model(cfg, tokenizer, device, seed=t.seed)
+    warn_if_unchunked(model, t.loss_chunk_size)
     dist.wrap(model, cfg.distributed, precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, t, device)
     R.write_config(cfg, out)

@@ -15,7 +15,7 @@ from instructkit.config import SFTConfig, to_dict
 from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
-from instructkit.engine.lm import evaluate_lm, lm_backward
+from instructkit.engine.lm import evaluate_lm, lm_backward, warn_if_unchunked
 from instructkit.engine.logging import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import resolve_device, seed_everything
@@ -42,6 +42,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
         tokenizer = M.load_tokenizer(cfg.model)
         sft_data = data.build_sft_data(cfg.data, tokenizer, seed=cfg.train.seed)
         model = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+    warn_if_unchunked(model, cfg.train.loss_chunk_size)
     D.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, cfg.train, device)
     R.write_config(cfg, out)
