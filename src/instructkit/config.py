@@ -186,6 +186,8 @@ class RewardSection:
     margin: float = 0.0  # required gap r_better - r_worse, added inside the sigmoid
     center_coef: float = 0.0  # weight of the reward-centering term mean((r_b + r_w)^2)
     stats_max_groups: int = 512  # training groups scored at the end for the stored mean/std
+    # Every dropout (LoRA's included) set to 0, as TRL does: the loss compares passes.
+    disable_dropout: bool = True
     # Accepted for DeepSpeed-Chat scripts; only 0 (or unset) is valid, see RMConfig.check.
     num_padding_at_beginning: int | None = None
 
@@ -215,6 +217,9 @@ class DPOSection:
     precompute_ref: bool = False
     # Reference model; None: the starting policy (with LoRA: the base with adapters disabled).
     ref_name_or_path: str | None = None
+    # Every dropout (LoRA's included) set to 0, as TRL does: with dropout the policy's
+    # log-probs of the same pair differ from pass to pass and the loss is not at log 2 at start.
+    disable_dropout: bool = True
 
 
 @dataclass
@@ -270,6 +275,8 @@ class PPOSection:
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05
+    # k1 (log pi - log ref) as the per-token penalty follows the KL's exact gradient; k3's value
+    # is unbiased with lower variance, but as a reward its gradient is biased (a weaker pull).
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float | None = None  # set for the adaptive controller (Ziegler et al.)
     kl_horizon: int = 10000

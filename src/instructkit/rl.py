@@ -114,7 +114,9 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k1 estimator of KL(pi || ref) per token: ``logp - ref_logp``.
 
     logp, ref_logp: [B, T] log-probs of the sampled tokens under the policy and the reference.
-    Returns [B, T] fp32. Unbiased, high variance, negative for single tokens.
+    Returns [B, T] fp32. An unbiased estimate of the KL's value, high variance, negative for
+    single tokens. As a per-token reward penalty (PPO's use) the policy-gradient estimator then
+    follows the exact gradient of the KL term.
     """
     return logp.float() - ref_logp.float()
 
@@ -123,8 +125,11 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || ref) per token: ``(r - 1) - log r`` with
     ``r = ref / pi = exp(ref_logp - logp)``.
 
-    logp, ref_logp: [B, T]. Returns [B, T] fp32. Unbiased under samples from pi, always >= 0,
-    lower variance than k1.
+    logp, ref_logp: [B, T]. Returns [B, T] fp32. Always >= 0 and lower variance than k1; its
+    VALUE is an unbiased estimate of the KL under samples from pi, but its GRADIENT is not: as
+    a reward penalty, E_pi[grad log pi * k3] = grad KL(pi || ref) - grad KL(ref || pi), and the
+    two nearly cancel while pi is close to ref, so it holds the policy to the reference much
+    more weakly than k1 (see the note on ``ppo.kl_estimator`` in the README).
     """
     log_r = ref_logp.float() - logp.float()
     return torch.expm1(log_r) - log_r

@@ -175,3 +175,59 @@ def test_shared_layout_keeps_frozen_layers_frozen_when_switching_adapters():
         assert any(".value." in n for n in lora) and any(".default." in n for n in lora)
         assert not any(v for n, v in lora.items() if ".layers.0." in n), name  # frozen by freeze_layers=1
         assert all(v for n, v in lora.items() if ".layers.1." in n), name  # both adapters trainable
+
+
+def _update_grads(actors, cfg, exp, batch, monkeypatch):
+    """Gradients of one PPO mini-batch update (no optimizer step), and how often decoder layer 0
+    of the policy ran (twice per pass when checkpointing recomputes it in backward; counted at its
+    first norm, since transformers' checkpointing calls the layer's forward, not its hooks)."""
+    from instructkit import models as M
+    from instructkit.engine.step import NonFiniteGuard
+
+    grads, calls = {}, []
+
+    def capture(model, optimizer, max_grad_norm, guard, loss, step):
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.clone()
+        optimizer.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(ppo, "optimizer_step", capture)
+    layer = M.decoder_layers(actors.policy)[0].input_layernorm
+    hook = layer.register_forward_pre_hook(lambda *a: calls.append(1))
+    torch.manual_seed(0)
+    try:
+        ppo.ppo_update(actors, ppo.build_ppo_optimizer(actors, cfg, torch.device("cpu")), exp, batch, cfg,
+                       NonFiniteGuard(5), 0, None, policy_on=True)
+    finally:
+        hook.remove()
+    return grads, len(calls)
+
+
+@pytest.mark.parametrize("layout", ["shared", "separate"])
+def test_gradient_checkpointing_works_in_ppo_updates(tmp_path, layout, monkeypatch):
+    """policy.gradient_checkpointing recomputes the layers in backward (it did nothing while the
+    update ran in eval mode) and gives the gradients of the plain update."""
+    from instructkit import models as M
+    from instructkit.data.prompts import load_prompts
+    from instructkit.rewards import says_the
+
+    over = ["adapter.kind=none", "ppo.value_name_or_path=tiny-llama"] if layout == "separate" else []
+    cfg = ppo_cfg(tmp_path, *over, "policy.gradient_checkpointing=true", "ppo.epochs=1",
+                  "ppo.mini_batch_size=8", "adapter.dropout=0.1")
+    tok = M.load_tokenizer(cfg.policy)
+    torch.manual_seed(0)
+    actors = ppo.Actors(cfg, tok, torch.device("cpu"))
+    prompts = load_prompts(cfg.data, tok, cfg.rollout.max_prompt_len)[:8]
+    exp, _, batch, _ = ppo.make_experience(actors, tok, prompts, cfg, 0.05, ppo.rl.RunningMoments(), (0.0, 1.0),
+                                           says_the, ppo.rollout_stop_ids(cfg, tok, actors.policy))
+    with_ckpt, n_ckpt = _update_grads(actors, cfg, exp, batch, monkeypatch)
+    for m in (actors.policy, actors.value_model):
+        if m is not None:
+            m.gradient_checkpointing_disable()
+    plain, n_plain = _update_grads(actors, cfg, exp, batch, monkeypatch)
+    assert n_ckpt > n_plain > 0  # the layers ran again in backward
+    assert with_ckpt.keys() == plain.keys() and len(plain) > 4
+    assert any(".value." in n or n.startswith("value") for n in plain)  # the value model's gradients too
+    for n in plain:
+        torch.testing.assert_close(with_ckpt[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)

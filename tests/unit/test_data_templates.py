@@ -177,6 +177,33 @@ def test_data_prompt_ids_match_training_prefix():
         assert build_prompt_ids(CONV[0]["content"], tok, template, sp) == ex["input_ids"][:first]
 
 
+@pytest.mark.parametrize("bos", [True, False])
+def test_data_long_prompt_keeps_bos_and_its_end(bos):
+    tok = make_tokenizer(CHATML, bos=bos)
+    prompt = " ".join(f"w{i}" for i in range(60)) + " THE END?"
+    full = build_prompt_ids(prompt, tok, "chat")
+    cut = build_prompt_ids(prompt, tok, "chat", max_len=12)
+    assert len(full) > 12 and len(cut) == 12
+    assert cut[0] == full[0] and (cut[0] == tok.bos_token_id or not bos)
+    assert cut[-11:] == full[-11:]  # the end, next to the answer, is kept
+    assert build_prompt_ids(prompt, tok, "chat", max_len=len(full)) == full
+
+
+def test_data_ppo_prompts_cut_keep_bos(tmp_path):
+    from instructkit.config import DataConfig
+    from instructkit.data.prompts import load_prompts
+
+    tok = make_tokenizer(CHATML)
+    path = tmp_path / "p.jsonl"
+    long = " ".join(f"w{i}" for i in range(60))
+    path.write_text("\n".join(f'{{"prompt": "{q}"}}' for q in (long + " A?", long + " B?", "short")))
+    prompts = load_prompts(DataConfig(train=str(path)), tok, max_prompt_len=16)
+    assert [t for t, _ in prompts] == [long + " A?", long + " B?", "short"]  # same end, two prompts
+    for _, ids in prompts:
+        assert ids[0] == tok.bos_token_id and len(ids) <= 16
+    assert tok.decode(prompts[2][1]).count("short") == 1
+
+
 def test_data_batch_equals_one_by_one():
     tok = make_tokenizer(CHATML)
     convs = [CONV, CONV[:2], [{"role": "text", "content": "hello world"}], ALPACA_CONV]

@@ -9,7 +9,7 @@ from instructkit.data.preference import (
     PREFERENCE_FORMATS, detect_preference_format, to_preference_groups,
 )
 from instructkit.data.readers import as_text, load_records
-from instructkit.data.templates import build_prompt_ids
+from instructkit.data.templates import build_prompt_ids, tokenizer_info
 from instructkit.errors import DataError
 
 
@@ -54,17 +54,19 @@ def _is_preference(record: dict, cfg: DataConfig, source: str) -> bool:
 
 def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int) -> list[tuple[str, list[int]]]:
     """(prompt text, token ids ready for generation) for every prompt of ``cfg.train``;
-    prompts longer than ``max_prompt_len`` keep their end (the part next to the answer)."""
+    prompts longer than ``max_prompt_len`` keep their BOS and their end (next to the answer)."""
     records = load_records(cfg.train, cfg.split, cfg.max_examples)
     out, seen = [], set()
+    info = tokenizer_info(tokenizer)
     for conv in prompt_conversations(records, cfg, cfg.train):
-        ids = build_prompt_ids(conv, tokenizer, cfg.template, cfg.system_prompt)
+        ids = build_prompt_ids(conv, tokenizer, cfg.template, cfg.system_prompt, info=info,
+                               max_len=max_prompt_len)
         text = conv[-1]["content"]
-        key = tuple(ids)
+        key = tuple((m["role"], m["content"]) for m in conv)
         if key in seen:  # preference files repeat a prompt once per pair
             continue
         seen.add(key)
-        out.append((text, ids[-max_prompt_len:]))
+        out.append((text, ids))
     if not out:
         raise DataError(f"{cfg.train}: no prompts found (format {cfg.format}); check data.format and data.fields")
     return out

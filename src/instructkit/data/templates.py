@@ -468,9 +468,13 @@ def build_prompt_ids(
     system_prompt: str | None = None,
     *,
     info: TokenizerInfo | None = None,
+    max_len: int | None = None,
 ) -> list[int]:
     """Token ids of a prompt ready for generation: the same rendering as in training, cut
-    where the (next) assistant answer starts."""
+    where the (next) assistant answer starts.
+
+    With ``max_len`` a longer prompt keeps its BOS and its last tokens (the part next to the
+    answer), as the preference rows do: a model never saw a sequence without its BOS."""
     info = info or tokenizer_info(tokenizer)
     template = resolve_template(template, tokenizer, info)
     conv = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -486,4 +490,10 @@ def build_prompt_ids(
     bos = info.bos_prefix
     if bos and ids[: len(bos)] != bos:
         ids = bos + ids
+    if max_len is not None and len(ids) > max_len:
+        # the tokenizer's BOS, or one the chat template writes itself
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        lead = bos or ([bos_id] if bos_id is not None else [])
+        nb = len(lead) if lead and ids[: len(lead)] == lead and max_len > len(lead) else 0
+        ids = ids[:nb] + ids[len(ids) - (max_len - nb):]
     return ids

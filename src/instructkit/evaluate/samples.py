@@ -112,13 +112,13 @@ def generate_samples(model, tokenizer, convs: list[list[dict]], sec, device=None
 
 
 def _generate_ids(model, tokenizer, chunk, sec) -> list[str]:
-    """Generation from left-cut prompt ids (for prompts longer than ``sec.max_prompt_len``)."""
+    """Generation from prompt ids cut after their BOS (prompts longer than ``sec.max_prompt_len``)."""
     import torch
 
     from instructkit.data import build_prompt_ids
     from instructkit.generate import left_pad, stop_token_ids
 
-    ids = [build_prompt_ids(c, tokenizer, sec.template, sec.system_prompt)[-sec.max_prompt_len:]
+    ids = [build_prompt_ids(c, tokenizer, sec.template, sec.system_prompt, max_len=sec.max_prompt_len)
            for c in chunk]
     device = next(model.parameters()).device
     enc = left_pad(ids, tokenizer.pad_token_id, device)

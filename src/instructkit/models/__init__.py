@@ -21,6 +21,7 @@ from instructkit.models.heads import (
 )
 from instructkit.models.load import (
     compile_layers,
+    disable_dropout,
     freeze_layers,
     load_base_model,
     load_model,
@@ -50,6 +51,7 @@ __all__ = [
     "count_parameters",
     "decoder_layers",
     "detect_target_modules",
+    "disable_dropout",
     "fix_pad_token",
     "freeze_layers",
     "gguf_cache_dir",

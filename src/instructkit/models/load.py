@@ -207,6 +207,24 @@ def freeze_layers(model: nn.Module, n: int) -> int:
     return frozen
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout of ``model`` to 0, LoRA's included; returns how many were non-zero.
+
+    The preference and RL losses compare passes of one model (chosen and rejected, a policy
+    and its old self): dropout makes identical passes differ, and TRL turns it off for the
+    same reason. This keeps the model in train mode, so gradient checkpointing still works.
+    Attention dropout in Hugging Face models is a float attribute read in forward, not a
+    module, so that is zeroed too."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        p = getattr(m, "attention_dropout", None)
+        if isinstance(p, float) and p > 0:
+            m.attention_dropout, n = 0.0, n + 1
+    return n
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation (gradient) checkpointing of every decoder layer."""
     kwargs = {"use_reentrant": False}

@@ -80,6 +80,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
         tokenizer = M.load_tokenizer(cfg.model)
         pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         policy = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+        if cfg.dpo.disable_dropout:
+            M.disable_dropout(policy)
         ref = Reference(policy, copy=None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path
                         else frozen_reference(cfg, tokenizer, device))
     dist.wrap(policy, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP

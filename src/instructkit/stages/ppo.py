@@ -66,6 +66,9 @@ class Actors:
         self.cfg, self.device = cfg, device
         self.shared = cfg.adapter.kind != "none"
         self.policy = M.load_model(cfg.policy, cfg.adapter, tokenizer, device)
+        # No dropout, in train mode (which gradient checkpointing needs): the first epoch's
+        # ratio must be exactly 1, as the clipped objective assumes.
+        M.disable_dropout(self.policy)
         self.reward_model = None
         if cfg.reward.name_or_path:
             self.reward_model = load_frozen_reward(cfg, device)
@@ -89,6 +92,7 @@ class Actors:
                                 "(a model to initialise the value model from)")
             value_cfg = replace(cfg.policy, name_or_path=value_path)
             self.value_model = M.load_reward_model(value_cfg, AdapterConfig(kind="none"), tokenizer, device)
+            M.disable_dropout(self.value_model)
             self.trainable = nn.ModuleDict({"policy": self.policy, "value": self.value_model})
 
     # -- adapters (shared layout) -------------------------------------------------------
@@ -110,17 +114,29 @@ class Actors:
         else:
             yield self.ref_copy
 
+    @contextlib.contextmanager
+    def value_adapter(self):
+        """The value adapter active inside (shared layout; nothing to do otherwise). A pass
+        that backpropagates must run its backward inside too: gradient checkpointing
+        recomputes the layers in backward with whichever adapter is active then."""
+        if not self.shared:
+            yield
+            return
+        before = self.policy.active_adapter
+        self.use("value")
+        try:
+            yield
+        finally:
+            self.use(before)
+
     def values_fn(self, ids, mask, pos) -> torch.Tensor:
         """Per-position values [B, L]."""
         if not self.shared:
             return RO.token_values(self.value_model, ids, mask, pos)
-        self.use("value")
-        try:
+        with self.value_adapter():
             hidden = self.policy.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
                                                use_cache=False).last_hidden_state
             return self.value_head(hidden).squeeze(-1).float()
-        finally:
-            self.use("default")
 
     def run(self, fn):
         """``fn()`` as one forward of the distributed root (FSDP2 gathers the sharded policy
@@ -356,39 +372,46 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
     p, device, precision = cfg.ppo, actors.device, cfg.policy.precision
     stats: dict[str, list[float]] = {}
     n = len(batch)
-    # Dropout off: the first epoch's ratio must be exactly 1, as the clipped objective assumes.
-    actors.trainable.eval()
-    for _ in range(p.epochs):
+    for _ in range(p.epochs):  # in train mode: dropout is off (Actors), checkpointing on if set
         for rows in torch.randperm(n).split(p.mini_batch_size):
             mb = batch.select(rows)
             e = {k: v[rows.to(v.device)] for k, v in exp.items()}
 
-            def losses():  # one forward of the distributed root under torchrun
+            # Two passes, each one forward of the distributed root and its backward: the value
+            # pass's backward must run with the value adapter active (see Actors.value_adapter).
+            def policy_pass():
                 with autocast(precision, device):
                     logp, entropy = RO.forward_response_logprobs(actors.policy, mb, cfg.rollout.temperature,
                                                                  with_entropy=True)
                     pg_loss, pg_stats = rl.policy_loss_clipped(logp, e["old_logp"], e["advantages"], e["mask"], p.clip)
+                    loss = pg_loss + rl.entropy_bonus(entropy, e["mask"], p.entropy_coef)
+                    if ptx is not None and policy_on:
+                        ptx_loss = ptx.loss(actors.policy)
+                        loss = loss + p.ptx_coef * ptx_loss
+                        stats.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
+                return loss, pg_loss, pg_stats, entropy
+
+            def value_pass():
+                with autocast(precision, device):
                     values = RO.forward_response_values(actors.values_fn, mb)
                     vf_loss, vf_stats = rl.value_loss_clipped(values, e["values"], e["returns"], e["mask"], p.value_clip)
-                    loss = p.vf_coef * vf_loss
-                    if policy_on:
-                        loss = loss + pg_loss + rl.entropy_bonus(entropy, e["mask"], p.entropy_coef)
-                        if ptx is not None:
-                            ptx_loss = ptx.loss(actors.policy)
-                            loss = loss + p.ptx_coef * ptx_loss
-                            stats.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
-                return loss, pg_loss, vf_loss, pg_stats, vf_stats, entropy
+                return p.vf_coef * vf_loss, vf_loss, vf_stats
 
-            loss, pg_loss, vf_loss, pg_stats, vf_stats, entropy = actors.run(losses)
-            loss.backward()
+            with torch.set_grad_enabled(policy_on):  # value warm-up: the policy's statistics only
+                loss, pg_loss, pg_stats, entropy = actors.run(policy_pass)
+                if policy_on:
+                    loss.backward()
+            with actors.value_adapter():
+                v_loss, vf_loss, vf_stats = actors.run(value_pass)
+                v_loss.backward()
+            loss = (float(loss) if policy_on else 0.0) + float(v_loss)
             norms = clip_groups(optimizer, cfg.train.max_grad_norm)
             # the mean over ranks: every rank skips (or takes) the step together
-            loss_value = dist.global_sum(float(loss.detach())) / dist.world_size()
+            loss_value = dist.global_sum(loss) / dist.world_size()
             optimizer_step(actors.trainable, optimizer, None, guard, loss_value, step)
             for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats,
                          "entropy": rl.masked_mean(entropy.detach(), e["mask"]), **norms}.items():
                 stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
-    actors.trainable.train()
     return mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
 
 

@@ -61,6 +61,8 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
         tokenizer = M.load_tokenizer(cfg.model)
         pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
+        if cfg.rm.disable_dropout:
+            M.disable_dropout(model)
     dist.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, cfg.train, device)
     R.write_config(cfg, out)
