@@ -9,6 +9,7 @@ the key and the valid choices.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -154,6 +155,63 @@ def check_distributed(d: DistributedConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+# --------------------------------------------------------------------------- settings a stage does not read
+#
+# A setting is honoured or rejected, never silently ignored. Each stage config's
+# ``not_applicable()`` maps the dotted keys that would do nothing in this run to the reason;
+# ``load_config`` rejects any of them that the user set (tests/stages/test_settings.py walks
+# every stage's schema and checks that each key is either read by a run or listed here).
+
+
+def adapter_not_applicable(a: AdapterConfig) -> dict[str, str]:
+    out = {}
+    if a.kind != "qlora":
+        out.update(dict.fromkeys(("adapter.quant_type", "adapter.double_quant"),
+                                 f"only adapter.kind=qlora quantizes the base (adapter.kind is {a.kind})"))
+    if a.kind == "none":
+        out.update(dict.fromkeys(("adapter.r", "adapter.alpha", "adapter.dropout", "adapter.target_modules"),
+                                 "adapter.kind is none (full fine-tuning): there is no adapter"))
+    return out
+
+
+def log_not_applicable(l: LogConfig) -> dict[str, str]:
+    out = {}
+    if not l.wandb:
+        out.update(dict.fromkeys(("log.wandb_project", "log.wandb_run_name"), "log.wandb is false"))
+    if not l.generation_freq:
+        out.update(dict.fromkeys(("log.generation_prompts", "log.generation_max_new_tokens"),
+                                 "log.generation_freq is 0 (no sample generations)"))
+    return out
+
+
+def train_not_applicable(t: TrainConfig) -> dict[str, str]:
+    out = {}
+    if t.schedule == "constant":
+        out["train.min_lr"] = "train.schedule is constant"
+    if not t.eval_every:
+        out["train.early_stopping_patience"] = "train.eval_every is 0: the only evaluation is at the end"
+    if not t.save_every and t.early_stopping_patience is None:
+        out["train.keep_last"] = "train.save_every is 0: no checkpoints are written, only the final model"
+    return out
+
+
+def data_not_applicable(d: DataConfig) -> dict[str, str]:
+    out = {}
+    if d.packing:
+        out["data.group_by_length"] = "it orders unpacked rows; data.packing is true"
+    if d.validation:
+        out["data.val_fraction"] = "data.validation names the validation set"
+    return out
+
+
+PREFERENCE_DATA_UNUSED = {
+    "data.packing": "a micro-batch holds whole groups of responses to one prompt, one response per row",
+    "data.group_by_length": "a micro-batch holds whole groups of responses to one prompt, one response per row",
+    "data.train_on_prompt": "the loss compares responses; the prompt is never trained",
+    "data.golden": "only SFT evaluates a golden set; use `instructkit eval` on the result",
+}
+
+
 @dataclass
 class SFTConfig:
     output_dir: str = "runs/sft"
@@ -180,6 +238,13 @@ class SFTConfig:
         if self.adapter.kind != "none" and self.adapter.r <= 0:
             raise ConfigError("adapter.r must be > 0")
 
+    STAGE: typing.ClassVar[str] = "sft"
+
+    def not_applicable(self) -> dict[str, str]:
+        """Keys that would do nothing in this run, and why (see ``load_config``)."""
+        return {**adapter_not_applicable(self.adapter), **log_not_applicable(self.log),
+                **train_not_applicable(self.train), **data_not_applicable(self.data)}
+
 
 @dataclass
 class RewardSection:
@@ -195,6 +260,7 @@ class RewardSection:
 @dataclass
 class RMConfig(SFTConfig):
     output_dir: str = "runs/rm"
+    data: DataConfig = field(default_factory=lambda: DataConfig(packing=False))  # rows are never packed
     rm: RewardSection = field(default_factory=RewardSection)
 
     def check(self, world_size: int = 1) -> None:
@@ -206,6 +272,14 @@ class RMConfig(SFTConfig):
                 f"rm.num_padding_at_beginning={self.rm.num_padding_at_beginning}: "
                 + NUM_PADDING_AT_BEGINNING_MESSAGE
             )
+
+    STAGE: typing.ClassVar[str] = "rm"
+
+    def not_applicable(self) -> dict[str, str]:
+        return {**super().not_applicable(), **PREFERENCE_DATA_UNUSED,
+                "train.loss_chunk_size": "a reward model has a score head, not an LM head",
+                **dict.fromkeys(("log.generation_freq", "log.generation_prompts", "log.generation_max_new_tokens"),
+                                "a reward model does not generate")}
 
 
 @dataclass
@@ -225,6 +299,7 @@ class DPOSection:
 @dataclass
 class DPOConfig(SFTConfig):
     output_dir: str = "runs/dpo"
+    data: DataConfig = field(default_factory=lambda: DataConfig(packing=False))  # rows are never packed
     dpo: DPOSection = field(default_factory=DPOSection)
 
     def check(self, world_size: int = 1) -> None:
@@ -235,6 +310,15 @@ class DPOConfig(SFTConfig):
             raise ConfigError("dpo.label_smoothing must be in [0, 0.5)")
         if self.dpo.label_smoothing and self.dpo.loss != "conservative":
             raise ConfigError("dpo.label_smoothing only applies to dpo.loss=conservative")
+
+    STAGE: typing.ClassVar[str] = "dpo"
+
+    def not_applicable(self) -> dict[str, str]:
+        out = {**super().not_applicable(), **PREFERENCE_DATA_UNUSED,
+               "train.loss_chunk_size": "DPO sums each response's log-probs from the model's full logits"}
+        if self.dpo.loss != "conservative":
+            out["dpo.label_smoothing"] = "only dpo.loss=conservative smooths labels"
+        return out
 
 
 @dataclass
@@ -335,6 +419,38 @@ class PPOConfig:
         if self.ppo.ptx_coef and not self.ppo.ptx_data:
             raise ConfigError("ppo.ptx_coef is set but ppo.ptx_data is not: name an SFT data file")
 
+    STAGE: typing.ClassVar[str] = "ppo"
+
+    def not_applicable(self) -> dict[str, str]:
+        out = {**adapter_not_applicable(self.adapter), **log_not_applicable(self.log),
+               **train_not_applicable(self.train), **data_not_applicable(self.data)}
+        out.update(dict.fromkeys(("data.validation", "data.val_fraction", "data.val_max", "data.golden"),
+                                 "PPO reads prompts and has no validation pass; rollout.max_prompt_len cuts them"))
+        if not self.ppo.ptx_coef:
+            out.update(dict.fromkeys(("data.packing", "data.group_by_length", "data.train_on_prompt",
+                                      "data.max_seq_len"),
+                                     "it shapes only the pretraining mix (ppo.ptx_data), and ppo.ptx_coef is 0; "
+                                     "rollout.max_prompt_len cuts prompts"))
+        out.update(dict.fromkeys(("log.generation_freq", "log.generation_prompts", "log.generation_max_new_tokens"),
+                                 "PPO writes its rollouts to samples.jsonl every log.every steps"))
+        out.update(dict.fromkeys(("train.micro_batch_size", "train.grad_accum", "train.global_batch_size"),
+                                 "PPO's batches are rollout.prompts_per_step, ppo.mini_batch_size and "
+                                 "rollout.micro_batch_size"))
+        out.update(dict.fromkeys(("train.eval_every", "train.eval_at_start", "train.eval_max_batches",
+                                  "train.early_stopping_patience"),
+                                 "PPO has no validation pass; its metrics are the rollouts' (run `instructkit eval` on the result)"))
+        if not self.ppo.ptx_coef:
+            out["ppo.ptx_data"] = "ppo.ptx_coef is 0"
+            out["train.loss_chunk_size"] = "PPO uses it only for the pretraining mix and ppo.ptx_coef is 0"
+        if self.ppo.kl_target is None:
+            out["ppo.kl_horizon"] = "the KL coefficient is fixed; set ppo.kl_target for the adaptive controller"
+        if self.adapter.kind != "none":
+            out["ppo.value_name_or_path"] = ("with an adapter the value model is a second adapter on the policy's "
+                                             "base, its head initialised from the reward model")
+        if self.train.early_stopping_patience is None and not self.train.save_every:
+            out["train.keep_last"] = "train.save_every is 0: no checkpoints are written, only the final model"
+        return out
+
 
 def check_train(t: TrainConfig, world_size: int = 1) -> None:
     if (t.max_steps is None) == (t.epochs is None):
@@ -400,10 +516,12 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         data, lines = read_yaml_with_lines(path)
+    in_file = copy.deepcopy(data)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(data, key, value)
         lines[key] = 0  # 0: came from the command line
+    given = dict(data)  # what the user set, before a preset fills in more
     preset = data.get("preset")
     if preset is not None:
         from instructkit.presets import preset_values
@@ -412,9 +530,66 @@ def load_config(
         full = adapter.get("kind", "none") == "none"
         data = deep_merge(preset_values(str(preset), full_finetune=full), data)
     cfg = from_dict(cls, data, prefix="", source=source, lines=lines)
+    check_given(cfg, given, source, lines, world_size, in_file=in_file)  # the clearer error first
     if hasattr(cfg, "check"):
         cfg.check(world_size)
     return cfg
+
+
+def given_keys(cls: type, data: dict, prefix: str = "") -> list[str]:
+    """The dotted schema keys set in ``data`` (a validated mapping; dict-valued fields such as
+    ``data.fields`` are one key)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key, value in data.items():
+        tp = hints.get(key)
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out += given_keys(tp, value, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+def dotted_value(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_given(cfg, given: dict, source: str, lines: dict[str, int], world_size: int = 1,
+                prefix: str = "", in_file: dict | None = None) -> None:
+    """Reject a key the user set that this stage would not read (``cfg.not_applicable()``);
+    warn about ``distributed.*`` settings in one process, where they do nothing.
+
+    A key from the file that only a command-line override made inapplicable (the file's LoRA
+    rank after ``adapter.kind=none``) is a warning, not an error: the file was consistent."""
+    import logging
+
+    log = logging.getLogger("instructkit.config")
+    keys = given_keys(type(cfg), given)
+    unread = cfg.not_applicable() if hasattr(cfg, "not_applicable") else {}
+    file_unread = None
+    defaults = type(cfg)() if unread else None
+    for key in keys:
+        # the schema's default changes nothing, so a resolved config.yaml (every key) loads again
+        if key not in unread or dotted_value(cfg, key) == dotted_value(defaults, key):
+            continue
+        if lines.get(prefix + key) != 0 and in_file is not None:
+            if file_unread is None:
+                file_unread = from_dict(type(cfg), in_file, "", source, {}).not_applicable()
+            if key not in file_unread:
+                log.warning("%s: does nothing in the %s stage after the command-line overrides (%s)",
+                            _where(source, lines, prefix + key), cfg.STAGE, unread[key])
+                continue
+        raise ConfigError(f"{_where(source, lines, prefix + key)}: does nothing in the "
+                          f"{cfg.STAGE} stage ({unread[key]}); remove it")
+    single = [k for k in keys if k.startswith("distributed.")]
+    if single and world_size <= 1:
+        log.warning(
+            "%s: %s apply only under torchrun with several processes and do nothing in this one. "
+            "To fit a model on one GPU use model.gradient_checkpointing=true, adapter.kind=lora or qlora, "
+            "train.optimizer=adamw_8bit, a smaller train.micro_batch_size with a larger train.grad_accum",
+            source, ", ".join(prefix + k for k in single))
 
 
 def read_yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
@@ -484,7 +659,18 @@ def _where(source: str, lines: dict[str, int], key: str) -> str:
     return f"{source}, key {key}"
 
 
-def from_dict(cls: type, data: Any, prefix: str, source: str, lines: dict[str, int]):
+def section_default(cls: type, name: str):
+    """The default value of field ``name`` of ``cls`` (a stage's own section defaults, such as
+    PPO's ``train.lr``, live in its default_factory)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type, data: Any, prefix: str, source: str, lines: dict[str, int], base=None):
+    """``cls`` from a mapping; a nested section starts from its parent's default for it, so a
+    YAML ``train:`` section of PPO keeps PPO's own defaults for the keys it does not set."""
     if not isinstance(data, dict):
         raise ConfigError(
             f"{_where(source, lines, prefix.rstrip('.'))}: expected a mapping of keys, "
@@ -505,7 +691,12 @@ def from_dict(cls: type, data: Any, prefix: str, source: str, lines: dict[str, i
                 f"{_where(source, lines, dotted)}: unknown key {key!r}.{hint} "
                 f"Valid keys in {section}: {', '.join(names)}"
             )
-        kwargs[key] = convert(hints[key], value, dotted, source, lines)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            kwargs[key] = from_dict(hints[key], value, dotted + ".", source, lines, base=section_default(cls, key))
+        else:
+            kwargs[key] = convert(hints[key], value, dotted, source, lines)
+    if dataclasses.is_dataclass(base) and type(base) is cls:
+        return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
 
 
@@ -711,3 +902,15 @@ class PretrainConfig:
                 f"tokenizer.vocab_size={tok.vocab_size} is too small for a byte-level BPE "
                 "(256 bytes + special tokens; use >= 300)"
             )
+
+    STAGE: typing.ClassVar[str] = "pretrain"
+
+    def not_applicable(self) -> dict[str, str]:
+        out = {**log_not_applicable(self.log), **train_not_applicable(self.train)}
+        out.update(dict.fromkeys(("log.generation_freq", "log.generation_prompts", "log.generation_max_new_tokens"),
+                                 "pretraining logs no sample generations; run `instructkit generate` on a "
+                                 "checkpoint's folder"))
+        if not self.tokenizer.train:
+            out.update(dict.fromkeys(("tokenizer.vocab_size", "tokenizer.dir"),
+                                     "tokenizer.train is false: no tokenizer is trained"))
+        return out

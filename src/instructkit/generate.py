@@ -119,3 +119,21 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> dict:
         ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
         mask[r, width - len(s) :] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def log_samples(model, tokenizer, cfg, step: int, out, logger) -> None:
+    """Greedy answers to ``cfg.log.generation_prompts`` (rendered as ``cfg.data`` says), to
+    TensorBoard and ``out/samples.jsonl``: SFT and DPO every ``log.generation_freq`` steps."""
+    import json
+
+    prompts = cfg.log.generation_prompts
+    responses = generate_responses(  # every rank takes part (a sharded model); rank 0 writes
+        model, tokenizer, prompts, max_new_tokens=cfg.log.generation_max_new_tokens,
+        temperature=0.0, system_prompt=cfg.data.system_prompt, template=cfg.data.template,
+    )
+    if not D.is_main():
+        return
+    with open(out / "samples.jsonl", "a") as f:
+        for p, r in zip(prompts, responses):
+            f.write(json.dumps({"step": step, "prompt": p, "response": r}) + "\n")
+    logger.text(step, "samples", "\n\n".join(f"**{p}**\n\n{r}" for p, r in zip(prompts, responses)))

@@ -10,6 +10,8 @@ in what chains them (paths of earlier results) and the output folders.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +73,11 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
     from instructkit import config as C
 
     data, lines, source = {}, {}, "<defaults>"
+    given: dict[str, dict] = {}  # each section as the user wrote it (before presets)
     if path is not None:
         data, lines = C.read_yaml_with_lines(Path(path))
         source = str(path)
+    in_file = copy.deepcopy(data)
     for item in overrides:
         key, value = C.parse_override(item)
         C.set_dotted(data, key, value)
@@ -81,10 +85,13 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
     sections = {}
     for name, factory in (("pretrain", _pretrain_config), ("eval", _eval_config)):
         raw = data.pop(name, None)
+        if isinstance(raw, dict):
+            given[name] = raw
         if raw is not None:
             cls = type(factory())
             raw = {"model": "", **raw} if name == "eval" else raw
             sections[name] = C.from_dict(cls, raw, f"{name}.", source, lines)
+    given.update({name: data[name] for name in ("sft", "rm", "ppo", "dpo") if isinstance(data.get(name), dict)})
     for name in ("sft", "rm", "ppo", "dpo"):  # a stage section may name a preset too
         raw = data.get(name)
         if isinstance(raw, dict) and raw.get("preset") is not None:
@@ -99,6 +106,13 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
         if name in cfg.stages and getattr(cfg, name) is None:
             raise ConfigError(f"stages lists {name} but the config has no {name} section")
     cfg.check()
+    from instructkit.engine.distributed import env_world_size
+
+    for name in cfg.stages:  # a key set in a listed stage's section is read by that stage
+        if name in given:
+            section = in_file.get(name) if isinstance(in_file.get(name), dict) else {}
+            C.check_given(getattr(cfg, name), given[name], source, lines, env_world_size(), prefix=f"{name}.",
+                          in_file={"model": "", **section} if name == "eval" else section)
     return cfg
 
 

@@ -212,9 +212,9 @@ def test_gradient_checkpointing_works_in_ppo_updates(tmp_path, layout, monkeypat
     from instructkit.data.prompts import load_prompts
     from instructkit.rewards import says_the
 
-    over = ["adapter.kind=none", "ppo.value_name_or_path=tiny-llama"] if layout == "separate" else []
-    cfg = ppo_cfg(tmp_path, *over, "policy.gradient_checkpointing=true", "ppo.epochs=1",
-                  "ppo.mini_batch_size=8", "adapter.dropout=0.1")
+    over = (["adapter.kind=none", "ppo.value_name_or_path=tiny-llama"] if layout == "separate"
+            else ["adapter.dropout=0.1"])  # dropout is switched off: checkpointing's recompute matches
+    cfg = ppo_cfg(tmp_path, *over, "policy.gradient_checkpointing=true", "ppo.epochs=1", "ppo.mini_batch_size=8")
     tok = M.load_tokenizer(cfg.policy)
     torch.manual_seed(0)
     actors = ppo.Actors(cfg, tok, torch.device("cpu"))

@@ -34,7 +34,7 @@ def ranked_file(tmp_path):
 def cfg_of(cls, tmp_path, *overrides, data=None, name="run"):
     base = [f"output_dir={tmp_path / name}", f"data.train={data or synthetic_pairs(tmp_path)}",
             "data.max_seq_len=64", "data.val_fraction=0.25", "train.max_steps=4", "train.micro_batch_size=4",
-            "train.lr=2e-3", "log.progress=false", "log.tensorboard=false", "adapter.dropout=0.0"]
+            "train.lr=2e-3", "log.progress=false", "log.tensorboard=false"]  # (dropout: off by default)
     return load_config(cls, None, base + list(overrides))
 
 

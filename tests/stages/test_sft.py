@@ -34,8 +34,9 @@ def config(tmp_path, *overrides, data=None):
         "train.lr=5e-3",
         "log.progress=false",
         "log.tensorboard=false",
-        "adapter.dropout=0.0",
     ]
+    if any(o.startswith("adapter.kind=") and o != "adapter.kind=none" for o in overrides):
+        base.append("adapter.dropout=0.0")  # (with no adapter, an adapter setting is rejected)
     return load_config(SFTConfig, None, base + list(overrides))
 
 
@@ -111,7 +112,8 @@ def _interrupt_at(monkeypatch, step_to_fail):
 
 @pytest.mark.parametrize("kind", ["lora", "none"])
 def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, kind):
-    common = [f"adapter.kind={kind}", "train.max_steps=8", "train.save_every=3", "adapter.dropout=0.1", "train.eval_every=4"]
+    common = [f"adapter.kind={kind}", "train.max_steps=8", "train.save_every=3", "train.eval_every=4",
+              *(["adapter.dropout=0.1"] if kind != "none" else [])]
     full = config(tmp_path, *common, "output_dir=" + str(tmp_path / "full"))
     sft.run(full)
     cut = config(tmp_path, *common, "output_dir=" + str(tmp_path / "cut"))

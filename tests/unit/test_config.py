@@ -87,7 +87,22 @@ def test_missing_config_file():
 def test_resolved_config_round_trips(tmp_path):
     from instructkit.config import save_config
 
-    cfg = load_config(SFTConfig, write(tmp_path, BASE), ["adapter.target_modules=[q_proj,v_proj]"])
+    cfg = load_config(SFTConfig, write(tmp_path, BASE), ["adapter.kind=lora", "adapter.target_modules=[q_proj,v_proj]"])
     save_config(cfg, tmp_path / "out" / "config.yaml")
     again = load_config(SFTConfig, tmp_path / "out" / "config.yaml")
     assert again == cfg
+
+
+def test_a_section_keeps_its_stages_own_defaults(tmp_path):
+    """PPO's train.lr default is 1e-5 and pretraining's weight decay 0.1: a YAML train: section
+    that does not set them must not fall back to the generic TrainConfig values."""
+    from instructkit.config import PPOConfig, PretrainConfig, RMConfig
+
+    p = write(tmp_path, "data:\n  train: x.jsonl\nreward:\n  function: m:f\ntrain:\n  max_steps: 3\n")
+    cfg = load_config(PPOConfig, p)
+    assert cfg.train.lr == 1e-5 and cfg.train.max_steps == 3
+    p = write(tmp_path, "data:\n  train: [x.txt]\ntrain:\n  max_steps: 3\n")
+    cfg = load_config(PretrainConfig, p)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.betas) == (1e-3, 0.1, [0.9, 0.95])
+    p = write(tmp_path, "data:\n  train: x.jsonl\ntrain:\n  max_steps: 3\n")
+    assert load_config(RMConfig, p).data.packing is False

@@ -27,7 +27,12 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device
     groups = param_groups(model, t.weight_decay)
     if not any(g["params"] for g in groups):
         raise UserError("the model has no trainable parameters (check adapter and freeze_layers)")
-    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    return optimizer_of(groups, t, device)
+
+
+def optimizer_of(groups: list[dict], t: TrainConfig, device: torch.device):
+    """``train.optimizer`` over parameter groups (a group's own ``lr`` / ``weight_decay`` win)."""
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     if t.optimizer == "adamw_8bit":
         if device.type != "cuda":
             raise UserError(

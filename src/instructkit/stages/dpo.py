@@ -26,6 +26,7 @@ from instructkit.engine.lm import completion_logps, to_device
 from instructkit.engine.logging import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import autocast, resolve_device, seed_everything
+from instructkit.generate import log_samples
 from instructkit.preference_losses import (
     dpo_conservative_loss, dpo_hinge_loss, dpo_metrics, dpo_sigmoid_loss, ipo_loss,
 )
@@ -150,8 +151,12 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
         return {"eval_loss": float(torch.cat(losses).mean()),
                 **{f"eval_{k}": v for k, v in named_metrics(terms, cfg.dpo.beta).items()}}
 
+    def on_step(step: int, logger) -> None:  # the policy's greedy answers, as in SFT
+        if R.due(step, cfg.log.generation_freq):
+            log_samples(policy, tokenizer, cfg, step, out, logger)
+
     stage = Stage(
-        name="dpo", plan=plan, backward=backward, evaluate=evaluate,
+        name="dpo", plan=plan, backward=backward, evaluate=evaluate, on_step=on_step,
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )

@@ -38,7 +38,7 @@ from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar, redact
-from instructkit.engine.optim import lr_at
+from instructkit.engine.optim import lr_at, optimizer_of
 from instructkit.engine.runtime import autocast, peak_memory_gb, resolve_device, seed_everything
 from instructkit.engine.step import NonFiniteGuard, optimizer_step
 from instructkit.errors import UserError
@@ -362,8 +362,7 @@ def build_ppo_optimizer(actors: Actors, cfg: PPOConfig, device):
     value_lr = cfg.ppo.value_lr or cfg.train.lr
     groups = [{"params": policy, "lr": cfg.train.lr, "base_lr": cfg.train.lr, "name": "policy"},
               {"params": value, "lr": value_lr, "base_lr": value_lr, "name": "value"}]
-    return torch.optim.AdamW(groups, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
-                             weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+    return optimizer_of(groups, cfg.train, device)
 
 
 def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg: PPOConfig,
@@ -441,14 +440,14 @@ class PtxSource:
             seed=cfg.train.seed, epoch=epoch))
         self.collate = functools.partial(D.collate, pad_id=tokenizer.pad_token_id,
                                          attn_implementation=cfg.policy.attn_implementation)
-        self.device = device
+        self.device, self.chunk_size = device, cfg.train.loss_chunk_size
 
     def loss(self, policy) -> torch.Tensor:
         from instructkit.engine.lm import lm_loss_sum, to_device
 
         rows = self.stream.take(dist.world_size())[dist.rank()]  # each rank its own batch
         batch = to_device(self.collate(self.examples, rows), self.device)
-        total, n = lm_loss_sum(policy, batch)
+        total, n = lm_loss_sum(policy, batch, self.chunk_size)
         return total / max(n, 1)
 
 

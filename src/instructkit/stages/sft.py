@@ -19,6 +19,7 @@ from instructkit.engine.lm import evaluate_lm, lm_backward, warn_if_unchunked
 from instructkit.engine.logging import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import resolve_device, seed_everything
+from instructkit.generate import log_samples
 
 
 @dataclass
@@ -88,22 +89,3 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
         model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
     return SFTResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                      result.stopped_early, model, tokenizer)
-
-
-def log_samples(model, tokenizer, cfg: SFTConfig, step: int, out: Path, logger) -> None:
-    """Greedy answers to the configured prompts, to TensorBoard and samples.jsonl."""
-    import json
-
-    from instructkit.generate import generate_responses
-
-    prompts = cfg.log.generation_prompts
-    responses = generate_responses(  # every rank takes part (a sharded model); rank 0 writes
-        model, tokenizer, prompts, max_new_tokens=cfg.log.generation_max_new_tokens,
-        temperature=0.0, system_prompt=cfg.data.system_prompt, template=cfg.data.template,
-    )
-    if not D.is_main():
-        return
-    with open(out / "samples.jsonl", "a") as f:
-        for p, r in zip(prompts, responses):
-            f.write(json.dumps({"step": step, "prompt": p, "response": r}) + "\n")
-    logger.text(step, "samples", "\n\n".join(f"**{p}**\n\n{r}" for p, r in zip(prompts, responses)))
