@@ -177,7 +177,8 @@ def test_ppo_on_two_ranks_samples_everywhere_and_resumes_on_one(tmp_path):
     from safetensors.torch import load_file
 
     common = ["train.max_steps=4", "train.save_every=2", "rollout.prompts_per_step=4", "rollout.micro_batch_size=4",
-              "ppo.mini_batch_size=4", *QUIET]
+              "ppo.mini_batch_size=4", *QUIET,  # the shared-base LoRA layout on the random tiny model
+              "policy.name_or_path=tiny-llama", "adapter.kind=lora", "adapter.r=8", "adapter.alpha=16"]
     run = tmp_path / "two"
     torchrun(2, "ppo", "configs/tiny/ppo.yaml", f"output_dir={run}", *common)
     rows = records(run)

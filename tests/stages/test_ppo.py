@@ -12,23 +12,18 @@ from instructkit.stages import ppo, rm, sft
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def sft_policy(tmp_path_factory):
-    """A tiny LLaMA fine-tuned on English text, so that "the" is a word it already says."""
-    out = tmp_path_factory.mktemp("sft")
-    cfg = load_config(SFTConfig, REPO / "configs/tiny/sft_full.yaml", [
-        f"output_dir={out}", f"data.train={REPO / 'data/tinyshakespeare_small.txt'}", "data.format=text",
-        "data.max_seq_len=128", "train.max_steps=80", "train.lr=2e-3", "train.eval_every=0",
-        "train.save_every=0", "log.tensorboard=false"])
-    return sft.run(cfg).final_dir
+# configs/tiny/ppo.yaml starts from the SFT result of configs/tiny/sft_full.yaml; most tests
+# here exercise the machinery on the random tiny model in the shared-base LoRA layout instead.
+TINY_LORA = ["policy.name_or_path=tiny-llama", "adapter.kind=lora", "adapter.r=8", "adapter.alpha=16",
+             "adapter.dropout=0.0", "train.lr=3e-3"]
 
 
-def ppo_cfg(tmp_path, *overrides, name="ppo"):
+def ppo_cfg(tmp_path, *overrides, name="ppo", lora=True):
     return load_config(PPOConfig, REPO / "configs/tiny/ppo.yaml", [
         f"output_dir={tmp_path / name}", f"data.train={REPO / 'data/selfinstruct_seed_tasks.jsonl'}",
         "log.tensorboard=false", "rollout.prompts_per_step=8", "rollout.micro_batch_size=8",
         "rollout.max_new_tokens=8", "ppo.mini_batch_size=4", "train.max_steps=4", "train.save_every=0",
-        *overrides])
+        *(TINY_LORA if lora else []), *overrides])
 
 
 def steps(run_dir):
@@ -36,24 +31,36 @@ def steps(run_dir):
     return [r for r in rows if "reward_mean" in r]
 
 
-RISE = ["adapter.kind=none", "train.lr=1e-3", "train.max_steps=24", "rollout.prompts_per_step=32",
-        "rollout.micro_batch_size=32", "ppo.mini_batch_size=16", "rollout.max_new_tokens=16"]
-
-
 @pytest.fixture(scope="module")
-def free_run(tmp_path_factory, sft_policy):
-    """PPO from the SFT policy with the default small KL coefficient."""
-    tmp = tmp_path_factory.mktemp("ppo")
-    cfg = ppo_cfg(tmp, f"policy.name_or_path={sft_policy}", f"ppo.value_name_or_path={sft_policy}", *RISE)
-    ppo.run(cfg)
-    return steps(cfg.output_dir), cfg.output_dir
+def shipped(tmp_path_factory):
+    """The two shipped tiny configs exactly as a user runs them, from a folder that has the
+    repository's data/ and configs/: SFT, then PPO on its result."""
+    import os
+
+    root = tmp_path_factory.mktemp("shipped")
+    for name in ("data", "configs"):
+        (root / name).symlink_to(REPO / name)
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        sft.run(load_config(SFTConfig, "configs/tiny/sft_full.yaml", ["log.tensorboard=false"]))
+        cfg = load_config(PPOConfig, "configs/tiny/ppo.yaml", ["log.tensorboard=false"])
+        ppo.run(cfg)
+    finally:
+        os.chdir(old)
+    return root, steps(root / cfg.output_dir), root / cfg.output_dir
 
 
-def test_reward_rises_while_kl_stays_bounded(free_run):
-    rows, out = free_run
-    first = sum(r["reward_mean"] for r in rows[:6]) / 6
-    last = sum(r["reward_mean"] for r in rows[-6:]) / 6
-    assert last > 2.5 * first and last > 0.05, [round(r["reward_mean"], 3) for r in rows]
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_the_shipped_tiny_ppo_config_learns(shipped):
+    """A user's first PPO run visibly raises its reward (it went 0.888 -> 0.884 on the random
+    LoRA model before): about 0.02 to 0.17 in 30 steps on two CPU cores."""
+    _, rows, out = shipped
+    first, last = mean([r["reward_mean"] for r in rows[:5]]), mean([r["reward_mean"] for r in rows[-5:]])
+    assert len(rows) == 30 and last > 3 * first and last > 0.08, [round(r["reward_mean"], 3) for r in rows]
     assert max(r["kl"] for r in rows) < 10.0
     for key in ("policy_loss", "value_loss", "response_len", "clipfrac", "approx_kl", "entropy",
                 "explained_variance", "no_eos_share", "time_generate", "time_train", "gen_tokens_per_s"):
@@ -62,15 +69,35 @@ def test_reward_rises_while_kl_stays_bounded(free_run):
     assert samples and {"prompt", "response", "reward"} <= set(samples[0])
 
 
-def test_large_kl_coefficient_keeps_the_policy_at_the_reference(tmp_path, sft_policy, free_run):
-    held = ppo_cfg(tmp_path, f"policy.name_or_path={sft_policy}", f"ppo.value_name_or_path={sft_policy}", *RISE,
-                   "ppo.kl_coef=50.0")
+def says_and(prompts, responses):
+    """A reward the shipped config was not tuned for: the share of words that are "and"."""
+    import re
+
+    words = [re.findall(r"[a-z']+", r.lower()) for r in responses]
+    return [sum(x == "and" for x in w) / max(len(w), 1) for w in words]
+
+
+def test_the_shipped_config_learns_a_reward_it_was_not_tuned_for(shipped, tmp_path, monkeypatch):
+    root, _, _ = shipped
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    cfg = load_config(PPOConfig, "configs/tiny/ppo.yaml", [
+        "log.tensorboard=false", f"output_dir={tmp_path / 'and'}", "reward.function=test_ppo:says_and"])
+    ppo.run(cfg)
+    rows = steps(cfg.output_dir)
+    first, last = mean([r["reward_mean"] for r in rows[:5]]), mean([r["reward_mean"] for r in rows[-5:]])
+    assert last > 3 * first and last > 0.05, [round(r["reward_mean"], 3) for r in rows]
+
+
+def test_large_kl_coefficient_keeps_the_policy_at_the_reference(shipped, tmp_path, monkeypatch):
+    root, free, _ = shipped
+    monkeypatch.chdir(root)
+    held = load_config(PPOConfig, "configs/tiny/ppo.yaml", [
+        "log.tensorboard=false", f"output_dir={tmp_path / 'held'}", "ppo.kl_coef=50.0", "train.max_steps=20"])
     ppo.run(held)
     rows = steps(held.output_dir)
-    kl_free = sum(r["kl"] for r in free_run[0][-6:]) / 6
-    kl_held = sum(r["kl"] for r in rows[-6:]) / 6
-    reward_free = sum(r["reward_mean"] for r in free_run[0][-6:]) / 6
-    reward_held = sum(r["reward_mean"] for r in rows[-6:]) / 6
+    kl_free, kl_held = mean([r["kl"] for r in free[14:20]]), mean([r["kl"] for r in rows[-6:]])
+    reward_free, reward_held = mean([r["reward_mean"] for r in free[14:20]]), mean([r["reward_mean"] for r in rows[-6:]])
     assert kl_held < 0.25 * kl_free, ([round(r["kl"], 3) for r in rows], kl_free)
     assert reward_held < reward_free
 
@@ -148,7 +175,7 @@ def test_ppo_resumes_exactly(tmp_path, monkeypatch):
 def test_bad_reward_function_is_a_clear_error(tmp_path, capsys):
     from instructkit.cli import main
 
-    code = main(["ppo", str(REPO / "configs/tiny/ppo.yaml"), f"output_dir={tmp_path / 'x'}",
+    code = main(["ppo", str(REPO / "configs/tiny/ppo.yaml"), f"output_dir={tmp_path / 'x'}", *TINY_LORA,
                  "reward.function=no_such_module:fn"])
     err = capsys.readouterr().err
     assert code == 2 and "no_such_module" in err and "Traceback" not in err
@@ -165,7 +192,7 @@ def test_shared_layout_keeps_frozen_layers_frozen_when_switching_adapters():
     old = os.getcwd()
     os.chdir(repo)
     try:
-        cfg = load_config(PPOConfig, repo / "configs/tiny/ppo.yaml", ["policy.freeze_layers=1", "policy.device=cpu"])
+        cfg = load_config(PPOConfig, repo / "configs/tiny/ppo.yaml", [*TINY_LORA, "policy.freeze_layers=1", "policy.device=cpu"])
         actors = Actors(cfg, load_tokenizer(cfg.policy), torch.device("cpu"))
     finally:
         os.chdir(old)
@@ -212,9 +239,10 @@ def test_gradient_checkpointing_works_in_ppo_updates(tmp_path, layout, monkeypat
     from instructkit.data.prompts import load_prompts
     from instructkit.rewards import says_the
 
-    over = (["adapter.kind=none", "ppo.value_name_or_path=tiny-llama"] if layout == "separate"
-            else ["adapter.dropout=0.1"])  # dropout is switched off: checkpointing's recompute matches
-    cfg = ppo_cfg(tmp_path, *over, "policy.gradient_checkpointing=true", "ppo.epochs=1", "ppo.mini_batch_size=8")
+    over = (["policy.name_or_path=tiny-llama", "ppo.value_name_or_path=tiny-llama"] if layout == "separate"
+            else [*TINY_LORA, "adapter.dropout=0.1"])  # dropout is switched off: checkpointing's recompute matches
+    cfg = ppo_cfg(tmp_path, *over, "policy.gradient_checkpointing=true", "ppo.epochs=1", "ppo.mini_batch_size=8",
+                  lora=False)
     tok = M.load_tokenizer(cfg.policy)
     torch.manual_seed(0)
     actors = ppo.Actors(cfg, tok, torch.device("cpu"))
@@ -231,3 +259,13 @@ def test_gradient_checkpointing_works_in_ppo_updates(tmp_path, layout, monkeypat
     assert any(".value." in n or n.startswith("value") for n in plain)  # the value model's gradients too
     for n in plain:
         torch.testing.assert_close(with_ckpt[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_shipped_config_without_its_sft_run_says_what_to_run(tmp_path, monkeypatch, capsys):
+    from instructkit.cli import main
+
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(tmp_path)
+    code = main(["ppo", "configs/tiny/ppo.yaml"])
+    err = capsys.readouterr().err
+    assert code == 2 and "instructkit sft configs/tiny/sft_full.yaml" in err and "Traceback" not in err

@@ -30,6 +30,9 @@ COMMON = ["train.max_steps=3", "train.warmup_steps=1", "train.min_lr=1e-5", "tra
 EPOCHS = ["train.max_steps=null", "train.epochs=0.01"]
 WANDB = ["log.wandb=true", "log.wandb_project=p", "log.wandb_run_name=r"]
 SFT_DATA = str(REPO / "data/selfinstruct_seed_tasks.jsonl")
+# configs/tiny/ppo.yaml starts from an SFT result; these runs start from the random tiny model
+TINY = ["policy.name_or_path=tiny-llama"]
+LORA = [*TINY, "adapter.kind=lora", "adapter.r=8"]
 
 STAGES = {
     "sft": (SFTConfig, sft, "configs/tiny/sft_lora.yaml", [
@@ -48,13 +51,13 @@ STAGES = {
         [*EPOCHS, *WANDB, "dpo.precompute_ref=true", "adapter.kind=none"],
     ]),
     "ppo": (PPOConfig, ppo, "configs/tiny/ppo.yaml", [
-        ["train.max_steps=3", "train.warmup_steps=1", "train.min_lr=1e-5", "train.save_every=2", "train.keep_last=1",
-         "ppo.kl_target=1.0", "ppo.kl_horizon=100", "ppo.ptx_coef=0.1", f"ppo.ptx_data={SFT_DATA}",
+        [*LORA, "train.max_steps=3", "train.warmup_steps=1", "train.min_lr=1e-5", "train.save_every=2",
+         "train.keep_last=1", "ppo.kl_target=1.0", "ppo.kl_horizon=100", "ppo.ptx_coef=0.1", f"ppo.ptx_data={SFT_DATA}",
          "data.max_seq_len=64", "data.packing=false", "data.group_by_length=false", "train.loss_chunk_size=16",
          "rollout.prompts_per_step=4", "ppo.mini_batch_size=2"],
-        [*EPOCHS, *WANDB, "adapter.kind=none", "ppo.value_name_or_path=tiny-llama", "rollout.prompts_per_step=4",
+        [*TINY, *EPOCHS, *WANDB, "ppo.value_name_or_path=tiny-llama", "rollout.prompts_per_step=4",
          "ppo.mini_batch_size=2", "rollout.stop_strings=['<|im_end|>']"],
-        ["train.max_steps=1", "rollout.stop_token_ids=[2]", "rollout.prompts_per_step=4", "ppo.mini_batch_size=2"],
+        [*LORA, "train.max_steps=1", "rollout.stop_token_ids=[2]", "rollout.prompts_per_step=4", "ppo.mini_batch_size=2"],
     ]),
     "pretrain": (PretrainConfig, pretrain, "configs/pretrain_tiny.yaml", [
         [*COMMON, "train.max_steps=3"],
@@ -189,7 +192,7 @@ def test_ppo_honours_the_optimizer_setting(tmp_path, monkeypatch):
     real = optim.optimizer_of
     monkeypatch.setattr(ppo, "optimizer_of", lambda groups, t, device: seen.append(t.optimizer) or real(groups, t, device))
     monkeypatch.chdir(REPO)
-    cfg = load_config(PPOConfig, REPO / "configs/tiny/ppo.yaml", [f"output_dir={tmp_path}", *QUIET,
+    cfg = load_config(PPOConfig, REPO / "configs/tiny/ppo.yaml", [f"output_dir={tmp_path}", *QUIET, *LORA,
                                                                   "train.optimizer=adamw_8bit", "train.max_steps=1"])
     from instructkit.errors import UserError
 

@@ -253,7 +253,18 @@ def mean_over_ranks(metrics: dict) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
+def check_start_exists(cfg: PPOConfig) -> None:
+    """PPO starts from an earlier result (an SFT model): say which stage writes a missing one."""
+    value = cfg.ppo.value_name_or_path if cfg.adapter.kind == "none" else None  # (LoRA: an adapter)
+    for key, name in (("policy.name_or_path", cfg.policy.name_or_path), ("ppo.value_name_or_path", value)):
+        if name and Path(name).name == "final" and not Path(name).exists():
+            raise UserError(f"{key}={name!r}: no such folder. It names the result of an earlier run; run that "
+                            "stage first (configs/tiny/ppo.yaml starts from `instructkit sft "
+                            "configs/tiny/sft_full.yaml`), or point it at a model")
+
+
 def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
+    check_start_exists(cfg)
     out = Path(cfg.output_dir)
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.policy.device)
@@ -403,7 +414,7 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
             with actors.value_adapter():
                 v_loss, vf_loss, vf_stats = actors.run(value_pass)
                 v_loss.backward()
-            loss = (float(loss) if policy_on else 0.0) + float(v_loss)
+            loss = (float(loss.detach()) if policy_on else 0.0) + float(v_loss.detach())
             norms = clip_groups(optimizer, cfg.train.max_grad_norm)
             # the mean over ranks: every rank skips (or takes) the step together
             loss_value = dist.global_sum(loss) / dist.world_size()
