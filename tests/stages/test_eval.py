@@ -91,13 +91,20 @@ def eval_cfg(tmp_path, models, url, *overrides):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"Good answer {i}.",
                                          "rejected": f"bad {i}"}) + "\n" for i in range(6)))
+    tasks = next((o.split("=", 1)[1].strip("[]").split(",") for o in overrides if o.startswith("tasks=")),
+                 ["perplexity", "samples", "judge"])  # configs/eval.yaml's
+    sections = {  # each task's settings (a section of a task not run is rejected)
+        "perplexity": [f"perplexity.data={REPO / 'data/selfinstruct_seed_tasks.jsonl'}",
+                       "perplexity.format=self_instruct", "perplexity.max_examples=12", "perplexity.max_seq_len=128"],
+        "reward_accuracy": [f"reward.model={models['rm']}", f"reward.data={pairs}", "reward.format=auto",
+                            "reward.max_seq_len=64"],
+        "samples": [f"samples.prompts={prompts}", "samples.format=auto", "samples.max_new_tokens=8"],
+        "judge": [f"judge.base_url={url}", "judge.model=judge-llm", "judge.retries=0", "judge.backoff_s=0.01",
+                  "judge.timeout_s=10"],
+    }
+    wanted = set(tasks) | ({"samples", "judge"} if {"judge", "pairwise"} & set(tasks) else set())
     base = [f"model={models['lm']}", f"output_dir={tmp_path / 'eval'}", "device=cpu", "progress=false",
-            f"perplexity.data={REPO / 'data/selfinstruct_seed_tasks.jsonl'}", "perplexity.format=self_instruct",
-            "perplexity.max_examples=12", "perplexity.max_seq_len=128",
-            f"reward.model={models['rm']}", f"reward.data={pairs}", "reward.format=auto", "reward.max_seq_len=64",
-            f"samples.prompts={prompts}", "samples.format=auto", "samples.max_new_tokens=8",
-            f"judge.base_url={url}", "judge.model=judge-llm", "judge.retries=0", "judge.backoff_s=0.01",
-            "judge.timeout_s=10"]
+            *(o for t in sections if t in wanted for o in sections[t])]
     return load_config(EvalConfig, REPO / "configs/eval.yaml", base + list(overrides))
 
 

@@ -227,3 +227,79 @@ def test_the_trace_sees_real_reads_only():
     assert reads.keys == set()
     assert copy.min_lr == 0.0 and cfg.data.packing
     assert reads.keys == {"train.min_lr", "data.packing"}
+
+
+def test_eval_rejects_settings_of_tasks_it_does_not_run(tmp_path):
+    from instructkit.evaluate.config import EvalConfig
+
+    base = ["model=tiny-llama", f"output_dir={tmp_path}", f"samples.prompts={SFT_DATA}"]
+    for key, why in [("reward.data=x.jsonl", "the reward_accuracy task is not in tasks"),
+                     ("judge.model=m", "neither judge nor pairwise is in tasks"),
+                     ("pairwise.model_b=tiny-llama", "the pairwise task is not in tasks"),
+                     ("perplexity.max_seq_len=64", "the perplexity task is not in tasks")]:
+        with pytest.raises(ConfigError, match=f"{key.split('=')[0]}: does nothing in the eval stage .{why}"):
+            load_config(EvalConfig, None, [*base, "tasks=[samples]", key])
+    with pytest.raises(ConfigError, match="judge.base_url: does nothing in the eval stage .judge.backend is hf"):
+        load_config(EvalConfig, None, [*base, "tasks=[judge]", "judge.backend=hf", "judge.hf_model=tiny-llama",
+                                       "judge.base_url=http://x/v1"])
+    with pytest.raises(ConfigError, match="judge.hf_model: does nothing in the eval stage .judge.backend is openai"):
+        load_config(EvalConfig, None, [*base, "tasks=[judge]", "judge.model=m", "judge.hf_model=tiny-llama"])
+    load_config(EvalConfig, None, [*base, "tasks=[samples,judge]", "judge.model=m", "judge.timeout_s=5"])
+
+
+def test_every_eval_key_is_read_or_rejected(tmp_path, monkeypatch):
+    """The same walk for `instructkit eval`: every task in one run against a local judge server,
+    then the local HF judge with pairwise against a model B."""
+    from instructkit.evaluate.config import EvalConfig
+    from instructkit.evaluate.run import run
+    from instructkit.models import build_tiny_model, save_final, tiny_tokenizer
+    from instructkit.config import ModelConfig
+    from test_eval import JudgeServer
+
+    lm = save_final(build_tiny_model("tiny-llama", seed=1), tiny_tokenizer(), tmp_path / "sft" / "final",
+                    ModelConfig(name_or_path="tiny-llama"))
+    reward = rm.run(load_config(RMConfig, REPO / "configs/tiny/rm.yaml", [
+        f"output_dir={tmp_path / 'rm'}", "train.max_steps=1", "data.max_examples=16", *QUIET])).final_dir
+    golden, answers_b = tmp_path / "golden.jsonl", tmp_path / "b.jsonl"
+    golden.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a colour.", "Say hello.")))
+    answers_b.write_text("".join(json.dumps({"prompt": p, "response": "B"}) + "\n" for p in ("Name a colour.", "Say hello.")))
+    monkeypatch.setenv("WALK_KEY", "k")
+    monkeypatch.chdir(REPO)
+    server = JudgeServer()
+    common = [f"model={lm}", "device=cpu", "progress=false", "precision=fp32", f"samples.prompts={golden}",
+              "samples.max_prompts=2", "samples.max_new_tokens=4", "samples.temperature=0.5", "samples.top_p=0.9",
+              "samples.top_k=5", "samples.seed=1", "samples.max_prompt_len=64", "samples.system_prompt=Be brief.",
+              "samples.batch_size=2", "samples.split=train", "samples.field=prompt", "samples.template=chat"]
+    variants = [
+        [*common, "tasks=[perplexity,reward_accuracy,samples,judge,pairwise]", f"output_dir={tmp_path / 'a'}",
+         f"perplexity.data={SFT_DATA}", "perplexity.max_examples=4", "perplexity.batch_size=2",
+         "perplexity.max_seq_len=64", "perplexity.train_on_prompt=true", "perplexity.system_prompt=s",
+         f"reward.model={reward}", f"reward.data={REPO / 'data/hh_rlhf_harmless_sample.jsonl'}",
+         "reward.max_examples=4", "reward.batch_size=2", "reward.max_seq_len=64", "reward.system_prompt=s",
+         f"judge.base_url={server.url}", "judge.model=j", "judge.api_key_env=WALK_KEY", "judge.timeout_s=10",
+         "judge.retries=0", "judge.backoff_s=0.01", "judge.concurrency=2", "judge.max_new_tokens=8",
+         f"pairwise.responses_b={answers_b}"],
+        [*common, "tasks=[judge,pairwise]", f"output_dir={tmp_path / 'b'}", "judge.backend=hf",
+         "judge.hf_model=tiny-llama", "judge.batch_size=2", "judge.device=cpu", "judge.max_new_tokens=4",
+         "pairwise.model_b=tiny-llama"],
+    ]
+    read: set[str] = set()
+    try:
+        for overrides in variants:
+            cfg = load_config(EvalConfig, None, overrides)
+            reads = Reads()
+            trace(cfg, reads)
+            reads.on = True
+            cfg.check()
+            run(cfg)
+            read |= reads.keys
+    finally:
+        server.close()
+    rejected = set(load_config(EvalConfig, None, [f"model={lm}", f"samples.prompts={SFT_DATA}",
+                                                  "tasks=[samples]"]).not_applicable())
+    rejected |= set(load_config(EvalConfig, None, [f"model={lm}", f"samples.prompts={SFT_DATA}", "tasks=[judge]",
+                                                   "judge.model=j"]).not_applicable())
+    # (judge.rubric_path, judge.pairwise_path and judge.responses are read here unset; test_eval.py
+    # and test_evaluate_judge.py run them set)
+    missing = set(leaves(EvalConfig)) - read - rejected
+    assert not missing, f"eval: keys neither read by a run nor rejected: {sorted(missing)}"

@@ -149,6 +149,11 @@ class EvalConfig:
     judge: JudgeSection = field(default_factory=JudgeSection)
     pairwise: PairwiseSection = field(default_factory=PairwiseSection)
 
+    STAGE: typing.ClassVar[str] = "eval"
+
+    def not_applicable(self) -> dict[str, str]:
+        return eval_not_applicable(self)
+
     def check(self, world_size: int = 1) -> None:
         """Cross-field checks (only for the tasks chosen); raises ConfigError."""
         if not self.tasks:
@@ -222,6 +227,44 @@ class EvalConfig:
                                   "model B's answers: prompt, response) and pairwise.model_b")
             if pw.responses_b is not None and not Path(pw.responses_b).is_file():
                 raise ConfigError(f"pairwise.responses_b={pw.responses_b}: file not found")
+
+
+def _section_keys(section, name: str, keys=None) -> list[str]:
+    import dataclasses
+
+    return [f"{name}.{f.name}" for f in dataclasses.fields(section) if keys is None or f.name in keys]
+
+
+def eval_not_applicable(cfg: "EvalConfig") -> dict[str, str]:
+    """The keys this evaluation would not read, and why (``instructkit.config.check_given``
+    rejects them when set): the sections of tasks not chosen, the other judge backend's keys."""
+    tasks, j = set(cfg.tasks), cfg.judge
+    out = {}
+    off = lambda keys, why: out.update(dict.fromkeys(keys, why))  # noqa: E731
+    if "perplexity" not in tasks:
+        off(_section_keys(cfg.perplexity, "perplexity"), "the perplexity task is not in tasks")
+    if "reward_accuracy" not in tasks:
+        off(_section_keys(cfg.reward, "reward"), "the reward_accuracy task is not in tasks")
+    generates = "samples" in tasks or (tasks & {"judge", "pairwise"} and not j.responses) or (
+        "pairwise" in tasks and cfg.pairwise.model_b)
+    if not generates:
+        off(_section_keys(cfg.samples, "samples"), "no task generates answers (samples, or judge / pairwise "
+                                                   "without judge.responses)")
+    if not tasks & {"judge", "pairwise"}:
+        off(_section_keys(j, "judge"), "neither judge nor pairwise is in tasks")
+    else:
+        openai_keys = ("base_url", "model", "api_key_env", "timeout_s", "retries", "backoff_s", "concurrency")
+        if j.backend == "hf":
+            off(_section_keys(j, "judge", openai_keys), "judge.backend is hf (a local model)")
+        else:
+            off(_section_keys(j, "judge", ("hf_model", "batch_size", "device")), "judge.backend is openai (a server)")
+        if "judge" not in tasks:
+            off(["judge.rubric_path"], "the judge task is not in tasks (pairwise uses judge.pairwise_path)")
+        if "pairwise" not in tasks:
+            off(["judge.pairwise_path"], "the pairwise task is not in tasks")
+    if "pairwise" not in tasks:
+        off(_section_keys(cfg.pairwise, "pairwise"), "the pairwise task is not in tasks")
+    return out
 
 
 def _positive(value: int, key: str) -> None:
