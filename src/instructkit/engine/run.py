@@ -3,6 +3,12 @@ evaluation schedule and early stopping. Small functions, so each stage's loop st
 
 from __future__ import annotations
 
+import atexit
+import json
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 from instructkit.engine import checkpoint as C
@@ -13,12 +19,79 @@ from instructkit.engine.step import NonFiniteGuard
 from instructkit.errors import UserError
 
 
+LOCK_NAME = ".instructkit.lock"
+log = logging.getLogger("instructkit.engine")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def lock_output_dir(output_dir: Path) -> None:
+    """Hold ``output_dir`` for this process (rank 0 under torchrun): a lock file with the
+    owner's pid, host and start time. A folder held by another live run is refused, naming it;
+    a lock whose process is gone on this host is taken over with a warning. Released at the end
+    of the run (``release_output_dir``) or when the process exits."""
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds it (before the process group exists)
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock, me = output_dir / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname(),
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            holder = json.loads(lock.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            holder, pid, host = {}, None, None  # unreadable (a crash while writing it): stale
+        if pid == me["pid"] and host == me["host"]:
+            return  # this process already holds it (a pipeline, a resume after an interruption)
+        if host is not None and host != me["host"]:
+            raise UserError(f"output_dir {output_dir} is held by a run (pid {pid} on {host}, started "
+                            f"{holder.get('started', '?')}); choose another output_dir, or if that run is "
+                            f"gone, delete {lock}") from None
+        if pid is not None and _alive(pid):
+            raise UserError(f"output_dir {output_dir} is held by a running run (pid {pid} on {host}, "
+                            f"started {holder.get('started', '?')}); wait for it to finish or choose another "
+                            "output_dir") from None
+        log.warning("output_dir %s: taking over the lock of pid %s, which is no longer running", output_dir, pid)
+        tmp = lock.with_name(LOCK_NAME + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(me))
+        tmp.replace(lock)
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+    atexit.register(release_output_dir, output_dir)
+
+
+def release_output_dir(output_dir: Path) -> None:
+    """Remove this process's lock on ``output_dir`` (another process's lock is left alone)."""
+    lock = Path(output_dir) / LOCK_NAME
+    try:
+        holder = json.loads(lock.read_text())
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def prepare_output_dir(output_dir: Path, resume: bool) -> None:
-    """Refuse to start over a run that already trained (nothing is lost) unless resuming."""
+    """Hold the folder (``lock_output_dir``), and refuse to start over a run that already
+    trained (nothing is lost) unless resuming."""
+    output_dir = Path(output_dir)
+    lock_output_dir(output_dir)
     if resume:
         return
     ckpts = output_dir / "checkpoints"
     if (ckpts.is_dir() and any(ckpts.iterdir())) or (output_dir / "final").exists():
+        release_output_dir(output_dir)  # refused: the folder is left as it was
         raise UserError(
             f"output_dir {output_dir} already holds a run; pass --resume to continue it, "
             "or choose another output_dir"

@@ -164,6 +164,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
                  cfg.model.attn_implementation, resume)
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
+    R.release_output_dir(out)
     return DPOResult(out, Path(final), result.steps, result.loss, result.eval_metrics, policy, tokenizer)
 
 

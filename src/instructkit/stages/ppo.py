@@ -345,6 +345,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         actors.trainable, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"), out / "final")
     logger.log(step, {"event": "end"})
     logger.close()
+    R.release_output_dir(out)
     return PPOResult(out, final, step, metrics, actors)
 
 

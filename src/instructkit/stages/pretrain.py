@@ -165,5 +165,6 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         model, lambda full: M.save_final(full, tokenizer, out / "final", ModelConfig(name_or_path=f"scratch:{shape}")),
         out / "final")
+    R.release_output_dir(out)
     return PretrainResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                           result.stopped_early, model, tokenizer, corpus)

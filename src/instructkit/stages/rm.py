@@ -122,6 +122,7 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
     mean, std = reward_statistics(model, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         model, lambda full: M.save_reward_model(full, tokenizer, out / "final", cfg.model, mean, std), out / "final")
+    R.release_output_dir(out)
     return RMResult(out, Path(final), result.steps, result.loss, result.eval_metrics, mean, std, model, tokenizer)
 
 

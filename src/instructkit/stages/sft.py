@@ -87,5 +87,6 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
                  cfg.model.attn_implementation, resume)
     final = D.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
+    R.release_output_dir(out)
     return SFTResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                      result.stopped_early, model, tokenizer)
