@@ -24,6 +24,25 @@ def redact(obj):
     return obj
 
 
+def truncate_jsonl(path: Path, step: int | None) -> None:
+    """Keep the records of ``path`` up to ``step`` (a resumed run continues one curve, with no
+    step twice); ``step=None`` (a fresh run) empties it. A line cut by a crash is dropped."""
+    if step is None:
+        if path.exists():
+            path.write_text("")
+        return
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    path.write_text("".join(l + "\n" for l in keep))
+
+
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN; keep it readable
@@ -45,17 +64,8 @@ class MetricsLogger:
         if not main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass  # a line cut by the crash
-            self.path.write_text("".join(l + "\n" for l in keep))
+        for name in ("metrics.jsonl", "samples.jsonl"):  # the run's step-keyed records
+            truncate_jsonl(Path(output_dir) / name, resume_step)
         self._file = open(self.path, "a")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

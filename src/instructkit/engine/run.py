@@ -119,6 +119,7 @@ def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: NonF
     """
     last = C.latest_checkpoint(Path(output_dir) / "checkpoints")
     if last is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", Path(output_dir) / "checkpoints")
         return 0, new_loop_state(), {}
     if C.is_sharded_checkpoint(last):
         restored = C.load_sharded_checkpoint(last, model, optimizer)
