@@ -405,6 +405,13 @@ class PPOConfig:
                 "set exactly one of reward.name_or_path (a reward model) and reward.function "
                 "(module:function)"
             )
+        for key, value in (("rollout.prompts_per_step", self.rollout.prompts_per_step),
+                           ("rollout.micro_batch_size", self.rollout.micro_batch_size),
+                           ("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                           ("rollout.max_prompt_len", self.rollout.max_prompt_len),
+                           ("ppo.mini_batch_size", self.ppo.mini_batch_size), ("ppo.epochs", self.ppo.epochs)):
+            if value <= 0:
+                raise ConfigError(f"{key}={value} must be > 0")
         if self.reward.no_eos_penalty > 0:
             raise ConfigError("reward.no_eos_penalty must be <= 0 (it is added to the score)")
         if self.reward.function and self.reward.normalize == "stored":
@@ -484,6 +491,16 @@ def check_train(t: TrainConfig, world_size: int = 1) -> None:
             raise ConfigError("set train.warmup_steps or train.warmup_fraction, not both")
         if not 0.0 <= t.warmup_fraction < 1.0:
             raise ConfigError("train.warmup_fraction must be in [0, 1)")
+    import math
+
+    if not (math.isfinite(t.lr) and 0 < t.lr < 1e3):
+        raise ConfigError(f"train.lr={t.lr} must be a finite number above 0 (typically 1e-6 to 1e-2)")
+    if not (math.isfinite(t.min_lr) and t.min_lr >= 0):
+        raise ConfigError(f"train.min_lr={t.min_lr} must be a finite number >= 0")
+    if t.save_every < 0 or t.eval_every < 0:
+        raise ConfigError("train.save_every and train.eval_every must be >= 0 (0: only at the end)")
+    if t.keep_last < 1:
+        raise ConfigError("train.keep_last must be >= 1 (the checkpoints kept)")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
     if len(t.betas) != 2:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from instructkit.config import SFTConfig, load_config
@@ -106,3 +108,26 @@ def test_a_section_keeps_its_stages_own_defaults(tmp_path):
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.betas) == (1e-3, 0.1, [0.9, 0.95])
     p = write(tmp_path, "data:\n  train: x.jsonl\ntrain:\n  max_steps: 3\n")
     assert load_config(RMConfig, p).data.packing is False
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=.nan", "train.lr=nan must be a finite number above 0"),
+    ("train.lr=1e39", "train.lr=1e+39 must be a finite number above 0"),
+    ("train.lr=-1", "train.lr=-1.0 must be a finite number above 0"),
+    ("train.min_lr=-2", "train.min_lr=-2.0 must be a finite number >= 0"),
+    ("train.save_every=-1", "train.save_every and train.eval_every must be >= 0"),
+    ("train.save_every=1 train.keep_last=0", "train.keep_last must be >= 1"),
+])
+def test_bad_numbers_are_one_clear_error(override, message):
+    """These were tracebacks deep in the optimizer (nan, 1e39, -1) or silent (save_every=-1 saved every step)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(SFTConfig, None, ["data.train=x.jsonl", "train.max_steps=1", *override.split()])
+
+
+@pytest.mark.parametrize("key", ["rollout.prompts_per_step", "rollout.micro_batch_size", "rollout.max_new_tokens",
+                                 "ppo.mini_batch_size", "ppo.epochs"])
+def test_ppo_sizes_must_be_positive(key):
+    from instructkit.config import PPOConfig
+
+    with pytest.raises(ConfigError, match=re.escape(f"{key}=0 must be > 0")):
+        load_config(PPOConfig, None, ["data.train=x.jsonl", "reward.function=m:f", "train.max_steps=1", f"{key}=0"])
