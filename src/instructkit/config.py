@@ -454,8 +454,6 @@ class PPOConfig:
         if self.adapter.kind != "none":
             out["ppo.value_name_or_path"] = ("with an adapter the value model is a second adapter on the policy's "
                                              "base, its head initialised from the reward model")
-        if self.train.early_stopping_patience is None and not self.train.save_every:
-            out["train.keep_last"] = "train.save_every is 0: no checkpoints are written, only the final model"
         return out
 
 
