@@ -212,7 +212,7 @@ def _update_grads(actors, cfg, exp, batch, monkeypatch):
     of the policy ran (twice per pass when checkpointing recomputes it in backward; counted at its
     first norm, since transformers' checkpointing calls the layer's forward, not its hooks)."""
     from instructkit import models as M
-    from instructkit.engine.step import NonFiniteGuard
+    from instructkit.engine.step import StepGuard
 
     grads, calls = {}, []
 
@@ -228,7 +228,7 @@ def _update_grads(actors, cfg, exp, batch, monkeypatch):
     torch.manual_seed(0)
     try:
         ppo.ppo_update(actors, ppo.build_ppo_optimizer(actors, cfg, torch.device("cpu")), exp, batch, cfg,
-                       NonFiniteGuard(5), 0, None, policy_on=True)
+                       StepGuard(5), 0, None, policy_on=True)
     finally:
         hook.remove()
     return grads, len(calls)
@@ -272,3 +272,30 @@ def test_the_shipped_config_without_its_sft_run_says_what_to_run(tmp_path, monke
     code = main(["ppo", "configs/tiny/ppo.yaml"])
     err = capsys.readouterr().err
     assert code == 2 and "instructkit sft configs/tiny/sft_full.yaml" in err and "Traceback" not in err
+
+
+def test_exploded_weights_stop_ppo_before_they_are_sampled_or_saved(tmp_path, monkeypatch):
+    """PPO at lr=1e30 never tripped the guard (finite losses), saved |w| = 4e28 and then died
+    in sampling; now the step that blows the weights up stops the run with the diagnosis."""
+    from instructkit.errors import TrainingDiverged
+
+    real = ppo.build_ppo_optimizer
+
+    def blowing_up(actors, cfg, device):
+        opt = real(actors, cfg, device)
+        step = opt.step
+
+        def poisoned_step(*a, **k):
+            step(*a, **k)
+            with torch.no_grad():
+                opt.param_groups[0]["params"][0].mul_(1e30)
+
+        opt.step = poisoned_step
+        return opt
+
+    monkeypatch.setattr(ppo, "build_ppo_optimizer", blowing_up)
+    cfg = ppo_cfg(tmp_path, "train.save_every=1", "train.max_nonfinite_steps=100")
+    with pytest.raises(TrainingDiverged, match="step 1: the update left the weights with .w. up to"):
+        ppo.run(cfg)
+    assert not (Path(cfg.output_dir) / "checkpoints").exists() or not any((Path(cfg.output_dir) / "checkpoints").iterdir())
+    assert not (Path(cfg.output_dir) / "final").exists()

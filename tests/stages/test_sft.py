@@ -211,3 +211,39 @@ def test_sample_generations_are_logged(tmp_path):
     rows = [json.loads(l) for l in (Path(cfg.output_dir) / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in rows] == [(1, "Hello"), (2, "Hello")]
     assert list((Path(cfg.output_dir) / "tensorboard").iterdir())
+
+
+def test_exploded_weights_stop_the_run_and_the_good_checkpoints_stay(tmp_path, monkeypatch):
+    """An update that blows the weights up (finite loss, finite gradient: what lr=1e30 does)
+    stops the run at that step; no checkpoint or final model ever holds those weights, and
+    keep_last's good checkpoints are not pushed out."""
+    from safetensors.torch import load_file
+
+    from instructkit.errors import TrainingDiverged
+
+    real = sft.build_optimizer
+
+    def blowing_up(model, t, device):
+        opt, calls = real(model, t, device), {"n": 0}
+        step = opt.step
+
+        def poisoned_step(*a, **k):
+            step(*a, **k)
+            calls["n"] += 1
+            if calls["n"] == 4:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).mul_(1e30)
+
+        opt.step = poisoned_step
+        return opt
+
+    monkeypatch.setattr(sft, "build_optimizer", blowing_up)
+    cfg = config(tmp_path, "adapter.kind=none", "train.max_steps=8", "train.save_every=1", "train.keep_last=2",
+                 "train.max_nonfinite_steps=100")
+    with pytest.raises(TrainingDiverged, match="step 4: the update left the weights with .w. up to"):
+        sft.run(cfg)
+    ckpts = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir())
+    assert ckpts == ["step-000002", "step-000003"] and not (Path(cfg.output_dir) / "final").exists()
+    for name in ckpts:
+        weights = load_file(Path(cfg.output_dir) / "checkpoints" / name / "weights.safetensors")
+        assert max(float(w.abs().max()) for w in weights.values()) < 100

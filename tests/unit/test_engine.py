@@ -8,7 +8,7 @@ from instructkit.engine import checkpoint as C
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.optim import build_optimizer, lr_at
 from instructkit.engine.runtime import get_rng_state, set_rng_state
-from instructkit.engine.step import NonFiniteGuard, optimizer_step
+from instructkit.engine.step import StepGuard, optimizer_step
 from instructkit.errors import TrainingDiverged
 
 
@@ -36,7 +36,7 @@ def test_batch_stream_resumes_and_crosses_epochs():
 def test_guard_skips_then_stops_with_diagnosis():
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = NonFiniteGuard(max_in_row=2, precision="bf16", attn="sdpa", lr=1e-3)
+    guard = StepGuard(max_in_row=2, precision="bf16", attn="sdpa", lr=1e-3)
     before = model.weight.detach().clone()
     model(torch.ones(1, 2)).sum().backward()
     r = optimizer_step(model, opt, 1.0, guard, float("nan"), step=0)
@@ -50,6 +50,42 @@ def test_guard_skips_then_stops_with_diagnosis():
     msg = str(e.value)
     assert "precision" in msg and "attention" in msg and "learning rate" in msg
     assert guard.total == 3
+
+
+def test_guard_stops_on_exploded_or_nonfinite_weights_after_a_finite_step():
+    """lr=1e30 makes step 1 finite yet puts |w| near 1e30: the run stops there, not later."""
+    for lr, what in ((1e30, r"\|w\| up to 1e\+30"), (float("inf"), "non-finite")):
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        guard = StepGuard(max_in_row=100)
+        model(torch.ones(1, 2)).sum().backward()
+        with pytest.raises(TrainingDiverged, match=f"step 4: the update left the weights with {what}"):
+            optimizer_step(model, opt, None, guard, 1.0, step=3)
+    model = torch.nn.Linear(2, 1)  # an ordinary step passes
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    assert not optimizer_step(model, opt, None, StepGuard(max_in_row=1), 1.0, step=0).skipped
+
+
+def test_guard_stops_a_collapsed_run_with_zero_gradient():
+    from instructkit.engine.step import ZERO_GRADIENT_STEPS
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard(max_in_row=100)
+
+    def zero_grad_step(step):
+        (model(torch.ones(1, 2)) * 0).sum().backward()  # a gradient, all zeros
+        return optimizer_step(model, opt, 1.0, guard, 6.93, step=step)
+
+    for step in range(ZERO_GRADIENT_STEPS - 1):
+        zero_grad_step(step)
+    model(torch.ones(1, 2)).sum().backward()  # one real gradient resets the count
+    optimizer_step(model, opt, 1.0, guard, 1.0, step=ZERO_GRADIENT_STEPS)
+    for step in range(ZERO_GRADIENT_STEPS - 1):
+        zero_grad_step(step)
+    with pytest.raises(TrainingDiverged, match="exactly 0 for 5 steps in a row .loss 6.93.*collapsed"):
+        zero_grad_step(99)
 
 
 def test_checkpoint_round_trip_and_keep_last(tmp_path):

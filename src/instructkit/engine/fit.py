@@ -23,7 +23,7 @@ from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar
 from instructkit.engine.optim import lr_at, set_lr
 from instructkit.engine.runtime import peak_memory_gb
-from instructkit.engine.step import NonFiniteGuard, optimizer_step
+from instructkit.engine.step import StepGuard, optimizer_step
 
 
 @dataclass
@@ -59,7 +59,7 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
     world = D.world_size()  # under torchrun each step takes grad_accum micro-batches per rank
     total = total_steps(t, per_epoch, world)
     stream = BatchStream(stage.plan)
-    guard = NonFiniteGuard(t.max_nonfinite_steps, precision, attn, t.lr)
+    guard = StepGuard(t.max_nonfinite_steps, precision, attn, t.lr)
     start, loop, _ = R.restore(out, model, optimizer, stream, guard) if resume else (0, R.new_loop_state(), {})
 
     logger = MetricsLogger(out, log_cfg, config_dict, resume_step=start if resume else None, main=D.is_main())

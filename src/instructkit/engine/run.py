@@ -15,7 +15,7 @@ from instructkit.engine import checkpoint as C
 from instructkit.engine import distributed as D
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.runtime import get_rng_state, set_rng_state
-from instructkit.engine.step import NonFiniteGuard
+from instructkit.engine.step import StepGuard
 from instructkit.errors import UserError
 
 
@@ -111,7 +111,7 @@ def new_loop_state() -> dict:
     return {"tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
 
 
-def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: NonFiniteGuard,
+def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: StepGuard,
             extra_models: dict | None = None) -> tuple[int, dict, dict]:
     """Load the latest checkpoint into the model, optimizer, batch stream, guard and RNG.
 
@@ -138,7 +138,7 @@ def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: NonF
 
 
 def save(output_dir: Path, step: int, model, optimizer, loop: dict, stream: BatchStream,
-         guard: NonFiniteGuard, keep_last: int, extra_tensors: dict | None = None) -> Path:
+         guard: StepGuard, keep_last: int, extra_tensors: dict | None = None) -> Path:
     state = {**loop, "stream": stream.state_dict(), "skipped_steps": guard.total}
     if D.sharded(model):
         if extra_tensors:

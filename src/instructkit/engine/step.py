@@ -1,4 +1,5 @@
-"""One optimizer step: clip, guard against non-finite values, update."""
+"""One optimizer step: clip, guard against non-finite values, exploded weights and a collapsed
+run, update."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ import torch
 from instructkit.engine.distributed import plain_norm
 from instructkit.errors import TrainingDiverged
 
+# No trained weight of a real model comes near this (Adam moves a weight by about lr per step,
+# so reaching it at lr <= 1e-2 takes millions of steps); a larger |w| means the run blew up.
+MAX_WEIGHT_ABS = 1e5
+# Steps in a row with a gradient of exactly zero that mean a collapsed run (a single one can be
+# a fluke of the data; five cannot).
+ZERO_GRADIENT_STEPS = 5
+
 
 @dataclass
 class StepResult:
@@ -17,16 +25,22 @@ class StepResult:
     skipped: bool
 
 
-class NonFiniteGuard:
-    """Counts steps whose loss or gradient norm is NaN/inf; such steps are skipped.
+class StepGuard:
+    """Watches every optimizer step.
 
-    After ``max_in_row`` consecutive bad steps the run stops with a diagnosis, since by then
-    the weights or the optimizer state are usually already damaged.
+    - A step whose loss or gradient norm is NaN/inf is skipped; after ``max_in_row`` in a row
+      the run stops with a diagnosis, since by then the weights or optimizer state are usually
+      damaged.
+    - Weights that are non-finite or beyond ``MAX_WEIGHT_ABS`` after an update stop the run at
+      once, before anything can save them: every checkpoint holds weights from earlier steps.
+    - ``ZERO_GRADIENT_STEPS`` in a row with a gradient norm of exactly 0 (a collapsed model: for
+      a language model, loss stuck at ln(vocab)) stop the run too.
     """
 
     def __init__(self, max_in_row: int, precision: str = "fp32", attn: str = "sdpa", lr: float = 0.0):
         self.max_in_row = max_in_row
         self.in_row = 0
+        self.zero_in_row = 0
         self.total = 0
         self.context = (precision, attn, lr)
 
@@ -37,11 +51,29 @@ class NonFiniteGuard:
         self.in_row += 1
         self.total += 1
         if self.in_row >= self.max_in_row:
-            raise TrainingDiverged(self.diagnosis(step, what))
+            raise TrainingDiverged(self.diagnosis(step, f"{self.in_row} steps in a row had a non-finite {what} "
+                                                        f"({self.total} in total)"))
+
+    def check_gradient(self, grad_norm: float, loss: float, step: int) -> None:
+        self.zero_in_row = self.zero_in_row + 1 if grad_norm == 0.0 else 0
+        if self.zero_in_row >= ZERO_GRADIENT_STEPS:
+            raise TrainingDiverged(self.diagnosis(
+                step, f"the gradient norm was exactly 0 for {self.zero_in_row} steps in a row (loss {loss:.4g}): "
+                      "the model has collapsed and no longer learns (a language model whose loss sits at "
+                      "ln(vocab size) predicts a uniform distribution)"))
+
+    def check_weights(self, max_abs: float, step: int) -> None:
+        if math.isfinite(max_abs) and max_abs <= MAX_WEIGHT_ABS:
+            return
+        what = "non-finite values" if not math.isfinite(max_abs) else f"|w| up to {max_abs:.3g}"
+        raise TrainingDiverged(self.diagnosis(
+            step, f"the update left the weights with {what} (the limit is {MAX_WEIGHT_ABS:g}); they were not "
+                  "saved, and every checkpoint holds weights from before this step"))
 
     def diagnosis(self, step: int, what: str) -> str:
+        """``step`` counts from 0; the message numbers steps as metrics.jsonl does (from 1)."""
         precision, attn, lr = self.context
-        causes = []
+        causes = [f"learning rate {lr:g} may be too high; try train.lr={lr / 10:g} or longer warmup"]
         if precision == "bf16":
             causes.append(
                 f"precision={precision}: pure low-precision weights overflow or lose small updates; "
@@ -53,24 +85,29 @@ class NonFiniteGuard:
                 "certain masks; try model.attn_implementation=eager, or "
                 "model.disable_cudnn_sdp=true / model.disable_flash_sdp=true"
             )
-        causes.append(f"learning rate {lr:g} may be too high; try train.lr={lr / 10:g} or longer warmup")
         causes.append("the data may hold empty or extremely long examples; check the truncation counts")
         lines = "\n  - ".join(causes)
-        return (
-            f"training stopped at step {step}: {self.in_row} steps in a row had a non-finite {what} "
-            f"({self.total} in total). Likely causes:\n  - {lines}"
-        )
+        return f"training stopped at step {step + 1}: {what}. Likely causes:\n  - {lines}"
+
+
+def max_abs(tensors: list[torch.Tensor]) -> float:
+    """The largest |value| over ``tensors`` (NaN if any is NaN); over all shards under FSDP2."""
+    if not tensors:
+        return 0.0
+    with torch.no_grad():
+        return plain_norm(torch.nn.utils.get_total_norm([t.detach() for t in tensors], norm_type=math.inf))
 
 
 def optimizer_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float | None,
-    guard: NonFiniteGuard,
+    guard: StepGuard,
     loss: float,
     step: int,
 ) -> StepResult:
-    """Clip gradients, then update, unless the loss or gradient norm is not finite.
+    """Clip gradients, then update, unless the loss or gradient norm is not finite; then check
+    the updated weights (see ``StepGuard``).
 
     The gradients are already normalised by the step's token count (see the stage loops).
     """
@@ -80,6 +117,8 @@ def optimizer_step(
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     guard.update(finite, step, "loss" if not math.isfinite(loss) else "gradient norm")
     if finite:
+        guard.check_gradient(grad_norm, loss, step)
         optimizer.step()
+        guard.check_weights(max_abs(params), step)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(grad_norm=grad_norm, skipped=not finite)

@@ -40,7 +40,7 @@ from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar, redact
 from instructkit.engine.optim import lr_at, optimizer_of
 from instructkit.engine.runtime import autocast, peak_memory_gb, resolve_device, seed_everything
-from instructkit.engine.step import NonFiniteGuard, optimizer_step
+from instructkit.engine.step import StepGuard, optimizer_step
 from instructkit.errors import UserError
 
 
@@ -293,7 +293,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
 
     total = t.max_steps or max(1, int(t.epochs * len(plan(0))))
     stream = BatchStream(plan)
-    guard = NonFiniteGuard(t.max_nonfinite_steps, cfg.policy.precision, cfg.policy.attn_implementation, t.lr)
+    guard = StepGuard(t.max_nonfinite_steps, cfg.policy.precision, cfg.policy.attn_implementation, t.lr)
     kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else rl.FixedKLController(p.kl_coef))
     moments = rl.RunningMoments()
@@ -378,7 +378,7 @@ def build_ppo_optimizer(actors: Actors, cfg: PPOConfig, device):
 
 
 def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg: PPOConfig,
-               guard: NonFiniteGuard, step: int, ptx, policy_on: bool) -> dict:
+               guard: StepGuard, step: int, ptx, policy_on: bool) -> dict:
     """PPO epochs over the rollout in shuffled mini-batches; returns mean statistics."""
     p, device, precision = cfg.ppo, actors.device, cfg.policy.precision
     stats: dict[str, list[float]] = {}
