@@ -1,7 +1,9 @@
-"""Writing results so that a crash never leaves a half-written one that looks complete."""
+"""Writing results so that a crash never leaves a half-written one that looks complete, and
+checking later that a file is still what was written."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -19,3 +21,11 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

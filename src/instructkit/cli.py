@@ -46,13 +46,15 @@ def cmd_train(args) -> int:
 
     from instructkit.engine import distributed as D
 
+    if args.allow_new_data and not args.resume:
+        raise UserError("--allow-new-data goes with --resume (it lets a resumed run go on with changed data)")
     cfg = load_config(_config_class(args.command), args.config, args.overrides)
     import importlib
 
     stage = importlib.import_module(f"instructkit.stages.{args.command}")
     D.init(cfg.distributed.backend)  # a no-op unless torchrun started several processes
     main = D.is_main()
-    result = stage.run(cfg, resume=args.resume)
+    result = stage.run(cfg, resume=args.resume, allow_new_data=args.allow_new_data)
     D.shutdown()  # on an error the process exits instead, and torchrun stops the other ranks
     if main:
         print(f"done: {result.steps} steps, final model in {result.final_dir}")
@@ -132,7 +134,7 @@ def cmd_pipeline(args) -> int:
     from instructkit.pipeline import load_pipeline_config, run
 
     cfg = load_pipeline_config(args.config, args.overrides)
-    done = run(cfg)
+    done = run(cfg, allow_new_data=args.allow_new_data)
     print("pipeline: " + ", ".join(f"{k} {v}" for k, v in done.items()) + f"; results in {cfg.output_dir}")
     return 0
 
@@ -217,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument("--allow-new-data", action="store_true",
+                       help="with --resume: go on although the data files changed since the checkpoint")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a config without running it")
@@ -225,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--stage", choices=SCHEMAS, help="schema to check against (default: from the file name)")
     p.add_argument("--show", action="store_true", help="print the resolved config")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("generate", help="sample responses from a model")
@@ -240,31 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pipeline", help="the whole recipe: SFT -> RM -> PPO/DPO -> eval -> merge -> package")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/demo")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--allow-new-data", action="store_true",
+                   help="an interrupted stage may resume although its data files changed")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("report", help="report.html and report.md of a run or pipeline folder")
     p.add_argument("run_dir")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="perplexity, reward accuracy, samples, LLM-as-judge scores")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. model=runs/ppo/final")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="fold a LoRA/DoRA adapter into its base")
     p.add_argument("adapter")
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="export a model folder (GGUF)")
@@ -272,19 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--format", default="gguf")
     p.add_argument("--dtype", default="f16", help="f32, f16, bf16 or q8_0")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("package", help="tar.gz with metadata, model card and requirements")
     p.add_argument("model")
     p.add_argument("rest", nargs="*", metavar="output=DIR")
     p.add_argument("--name")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("verify", help="check the sha256 of every file in a package archive")
     p.add_argument("archive")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("convert-meta", help="Meta's original Llama 2/3 checkpoint to a Hugging Face folder")
@@ -292,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--llama-version", default=None)
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_convert_meta)
 
     p = sub.add_parser("chat", help="interactive chat with streaming output (/reset, /exit)")
@@ -303,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_chat)
     return parser
 

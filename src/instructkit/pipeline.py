@@ -167,7 +167,8 @@ def is_done(cfg: PipelineConfig, name: str) -> bool:
     return (d / "final").is_dir()
 
 
-def run(cfg: PipelineConfig) -> dict:
+def run(cfg: PipelineConfig, allow_new_data: bool = False) -> dict:
+    """Run the stages not done yet; ``allow_new_data``: an interrupted stage may resume on changed data."""
     import importlib
 
     out = Path(cfg.output_dir)
@@ -195,7 +196,7 @@ def run(cfg: PipelineConfig) -> dict:
         else:
             stage = importlib.import_module(f"instructkit.stages.{name}")
             resume = (d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir())
-            stage.run(getattr(cfg, name), resume=resume)
+            stage.run(getattr(cfg, name), resume=resume, allow_new_data=allow_new_data)
         done[name] = "ran"
     if cfg.report:
         try:

@@ -117,3 +117,13 @@ def test_checkpoint_round_trip_and_keep_last(tmp_path):
             assert torch.equal(s1["state"][k][name], s2["state"][k][name])
     set_rng_state(state["rng"])
     assert torch.equal(torch.rand(3), expected_rand)
+
+
+def test_a_zero_loss_with_zero_gradient_is_not_a_collapse():
+    """PPO on equal rewards with exact values: loss 0, gradient 0, nothing to learn; go on."""
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard(max_in_row=1)
+    for step in range(20):
+        (model(torch.ones(1, 2)) * 0).sum().backward()
+        optimizer_step(model, opt, 1.0, guard, 0.0, step=step)

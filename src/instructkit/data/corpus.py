@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from instructkit.atomic import sha256_file
 from instructkit.errors import DataError
 
 log = logging.getLogger("instructkit.data")
@@ -105,20 +106,12 @@ def read_documents(paths: Iterable[Path], split: str = "blank_lines") -> list[st
     return docs
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sources_fingerprint(paths: Sequence[Path]) -> list[dict]:
     out = []
     for p in paths:
         st = p.stat()
         out.append({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                    "sha256": _sha256_file(p)})
+                    "sha256": sha256_file(p)})
     return out
 
 

@@ -5,11 +5,15 @@ Layout of ``checkpoints/step-000120/``::
     weights.safetensors     trainable parameters only (the adapter under LoRA)
     optimizer.safetensors   optimizer tensors, keyed "<param index>.<name>"
     rng.safetensors         RNG states
-    state.json              loop state, optimizer hyper-parameters, RNG meta; written last
+    state.json              loop state, optimizer hyper-parameters, RNG meta, what run wrote
+                            it (``identity``), and the size and sha256 of every other file;
+                            written last
 
 A checkpoint is built in ``step-000120.tmp`` and renamed when complete, so a crash or kill
-leaves either the whole new checkpoint or none of it; the previous one stays loadable.
-Nothing here is pickled: safetensors for tensors, JSON for the rest.
+leaves either the whole new checkpoint or none of it; the previous one stays loadable. A
+checkpoint damaged later (a truncated or edited file) fails ``verify_checkpoint`` and resume
+falls back to the newest intact one. Nothing here is pickled: safetensors for tensors, JSON
+for the rest.
 
 Under torchrun the model is sharded, and a checkpoint is written by every rank at once with
 ``torch.distributed.checkpoint`` (DCP)::
@@ -32,6 +36,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from instructkit.atomic import sha256_file
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -74,6 +80,45 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def file_records(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``folder`` but state.json, by relative path."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "state.json"}
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    with open(folder / "state.json", "w") as f:
+        json.dump({**state, "files": file_records(folder)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when ``path`` is intact; else what is wrong with it. A checkpoint written before
+    file records were kept is taken as it is."""
+    path = Path(path)
+    try:
+        state = read_state(path)
+    except (OSError, ValueError) as e:
+        return f"state.json cannot be read ({e.__class__.__name__})"
+    if not isinstance(state, dict) or "step" not in state:
+        return "state.json is not a checkpoint state"
+    for name, want in (state.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        if sha256_file(f) != want["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written"
+    return None
+
+
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
@@ -83,6 +128,7 @@ def save_checkpoint(
     rng: dict,
     keep_last: int,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    identity: dict | None = None,
 ) -> Path:
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -98,14 +144,11 @@ def save_checkpoint(
     opt_t, opt_meta = optimizer_tensors(optimizer)
     save_file(opt_t, tmp / "optimizer.safetensors")
     save_file({k: v.contiguous() for k, v in rng["tensors"].items()}, tmp / "rng.safetensors")
-    state = {"step": step, "loop": loop_state, "optimizer": opt_meta, "rng": rng["meta"]}
-    with open(tmp / "state.json", "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
     for p in tmp.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+    _write_state(tmp, {"step": step, "loop": loop_state, "optimizer": opt_meta, "rng": rng["meta"],
+                       "identity": identity})
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
     tmp.rename(final)
@@ -145,21 +188,43 @@ def load_checkpoint(
 ) -> dict:
     """Load weights and optimizer state in place; return {"step", "loop", "rng", "extra"}."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     weights = load_file(path / "weights.safetensors")
     extra = {k[len("extra."):]: v for k, v in weights.items() if k.startswith("extra.")}
+    check_same_tensors(path, {k: v.shape for k, v in weights.items() if not k.startswith("extra.")},
+                       {n: p.shape for n, p in model.named_parameters() if p.requires_grad})
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            if name.startswith("extra."):
-                continue
-            if name not in params:
-                raise KeyError(f"checkpoint {path} holds {name!r}, which the model does not have")
-            params[name].copy_(value.to(params[name].dtype))
+            if not name.startswith("extra."):
+                params[name].copy_(value.to(params[name].dtype))
     if optimizer is not None:
         load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
     rng = {"tensors": load_file(path / "rng.safetensors"), "meta": state["rng"]}
     return {"step": state["step"], "loop": state["loop"], "rng": rng, "extra": extra}
+
+
+def check_same_tensors(path: Path, saved: dict, trainable: dict) -> None:
+    """Refuse a checkpoint whose trainable tensors are not this model's (a changed adapter.r,
+    target_modules or freeze_layers), naming the first difference."""
+    from instructkit.errors import UserError
+
+    def first(names):
+        return sorted(names)[0]
+
+    if set(saved) - set(trainable):
+        name = first(set(saved) - set(trainable))
+        why = f"it holds {name!r}, which this model does not train"
+    elif set(trainable) - set(saved):
+        name = first(set(trainable) - set(saved))
+        why = f"it lacks {name!r}, which this model trains"
+    else:
+        bad = [n for n in saved if tuple(saved[n]) != tuple(trainable[n])]
+        if not bad:
+            return
+        why = f"{bad[0]!r} has shape {tuple(saved[bad[0]])} there and {tuple(trainable[bad[0]])} here"
+    raise UserError(f"--resume: {path} does not fit this run's model: {why} (was the adapter or "
+                    "freeze_layers changed?); resume with the settings of its config.yaml, or start in a new output_dir")
 
 
 # --------------------------------------------------------------------------- sharded (DCP)
@@ -175,7 +240,7 @@ def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
 
 def save_sharded_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
                             optimizer: torch.optim.Optimizer, loop_state: dict, rng: dict,
-                            keep_last: int) -> Path:
+                            keep_last: int, identity: dict | None = None) -> Path:
     """Every rank calls this; rank 0 publishes the folder once all ranks have written."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -197,11 +262,8 @@ def save_sharded_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
     rng_j.write_text(json.dumps(rng["meta"]))
     D.barrier()
     if D.is_main():
-        state = {"step": step, "loop": loop_state, "format": "dcp", "world_size": D.world_size()}
-        with open(tmp / "state.json", "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_state(tmp, {"step": step, "loop": loop_state, "format": "dcp", "world_size": D.world_size(),
+                           "identity": identity})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -220,7 +282,7 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
     from instructkit.engine import distributed as D
 
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     options = StateDictOptions(ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options) if optimizer is not None else (
         get_state_dict(model, [], options=options)[0], None)

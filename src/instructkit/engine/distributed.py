@@ -130,6 +130,15 @@ def global_sums(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def global_max(x: float) -> float:
+    """Maximum of a number over all ranks (the number itself in one process)."""
+    if not active():
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_backend_device())
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    return float(t)
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """In-place sum of a tensor over ranks (gloo wants CPU tensors, NCCL CUDA ones)."""
     if not active():

@@ -54,13 +54,15 @@ def total_steps(t: TrainConfig, micro_batches_per_epoch: int, world_size: int = 
 
 def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg: LogConfig,
         out: Path, config_dict: dict, device: torch.device, precision: str, attn: str,
-        resume: bool) -> FitResult:
+        resume: bool, allow_new_data: bool = False) -> FitResult:
     per_epoch = len(stage.plan(0))
     world = D.world_size()  # under torchrun each step takes grad_accum micro-batches per rank
     total = total_steps(t, per_epoch, world)
     stream = BatchStream(stage.plan)
     guard = StepGuard(t.max_nonfinite_steps, precision, attn, t.lr)
-    start, loop, _ = R.restore(out, model, optimizer, stream, guard) if resume else (0, R.new_loop_state(), {})
+    identity = R.run_identity(stage.name, config_dict)  # checked on resume, kept in every checkpoint
+    start, loop, _ = (R.restore(out, model, optimizer, stream, guard, identity, allow_new_data) if resume
+                      else (0, R.new_loop_state(), {}))
 
     logger = MetricsLogger(out, log_cfg, config_dict, resume_step=start if resume else None, main=D.is_main())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -101,7 +103,7 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
                 logger.log(step, eval_metrics)
                 stopped_early = R.early_stop(loop, eval_metrics.get("eval_loss"), t.early_stopping_patience)
         if R.due(step, t.save_every) or stopped_early:
-            R.save(out, step, model, optimizer, loop, stream, guard, t.keep_last)
+            R.save(out, step, model, optimizer, loop, stream, guard, t.keep_last, identity=identity)
         if stopped_early:
             logger.log(step, {"event": "early_stop", "best_eval_loss": loop["best_eval"]})
             break

@@ -7,10 +7,12 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
+from instructkit.atomic import sha256_file
 from instructkit.engine import checkpoint as C
 from instructkit.engine import distributed as D
 from instructkit.engine.batches import BatchStream
@@ -111,16 +113,107 @@ def new_loop_state() -> dict:
     return {"tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
 
 
+def _fingerprint_path(name: str) -> dict:
+    """Size and sha256 of a data file, of every file in a folder or matched by a glob; a name
+    that is not on disk (a datasets name) stands for itself."""
+    import glob
+
+    p = Path(name)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+    else:
+        files = sorted(Path(f) for f in glob.glob(name, recursive=True) if Path(f).is_file())
+    return {str(f): f"{f.stat().st_size}:{sha256_file(f)[:16]}" for f in files} or {name: "not a local file"}
+
+
+DATA_KEYS = (("data", "train"), ("data", "validation"), ("data", "golden"), ("ppo", "ptx_data"))
+MODEL_SHAPE_KEYS = ("shape", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "max_position_embeddings", "tie_word_embeddings")
+
+
+def run_identity(stage: str, config: dict) -> dict:
+    """What a checkpoint must share with the run that resumes it: the stage, the model, the
+    adapter's shape, and a fingerprint of the data files (from the run's config dict)."""
+    model = config.get("model") or config.get("policy") or {}
+    adapter = config.get("adapter")
+    data = {}
+    for section, key in DATA_KEYS:
+        value = (config.get(section) or {}).get(key)
+        for name in ([value] if isinstance(value, str) else value or []):
+            if name:
+                data.update(_fingerprint_path(name))
+    return {
+        "stage": stage,
+        "model": model["name_or_path"] if "name_or_path" in model else {k: model.get(k) for k in MODEL_SHAPE_KEYS},
+        "adapter": None if not adapter or adapter.get("kind") == "none" else
+        {k: adapter.get(k) for k in ("kind", "r", "target_modules")},
+        "data": data,
+    }
+
+
+def check_identity(ckpt: Path, saved: dict | None, now: dict, allow_new_data: bool) -> None:
+    """Refuse to resume ``ckpt`` into a different run; changed data only with ``allow_new_data``.
+    A checkpoint from before identities were recorded (``saved`` None) is taken as it is."""
+    if not saved:
+        return
+    if saved.get("stage") != now["stage"]:
+        raise UserError(f"--resume: {ckpt} was written by `instructkit {saved.get('stage')}`, not "
+                        f"`instructkit {now['stage']}`: resume it with that command, or give this run its own output_dir")
+    for key, what in (("model", "model"), ("adapter", "adapter (kind, r, target_modules)")):
+        if saved.get(key) != now[key]:
+            raise UserError(f"--resume: {ckpt} was trained with {what} {saved.get(key)!r}, this run has "
+                            f"{now[key]!r}; resume with the settings of its config.yaml, or start in a new output_dir")
+    if saved.get("data") != now["data"]:
+        old, new = saved.get("data") or {}, now["data"]
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if not allow_new_data:
+            raise UserError(f"--resume: the data differs from what {ckpt} was trained on ({', '.join(changed)} "
+                            "changed, added or removed); restore the data, or pass --allow-new-data to go on with "
+                            "the new data (the position in the epoch is kept, so examples may be seen twice or skipped)")
+        log.warning("--resume --allow-new-data: continuing %s on changed data (%s)", ckpt, ", ".join(changed))
+
+
+def intact_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint that passes ``verify_checkpoint``. A damaged newer one is renamed
+    to ``step-N.damaged`` (kept for a look, no longer counted by keep_last) with a warning."""
+    found = C.list_checkpoints(ckpt_root)
+    damaged = []
+    for ckpt in reversed(found):
+        problem = C.verify_checkpoint(ckpt)
+        if problem is None:
+            break
+        damaged.append((ckpt, problem))
+    else:
+        if damaged:
+            raise UserError(f"--resume: every checkpoint in {ckpt_root} is damaged ("
+                            + "; ".join(f"{c.name}: {why}" for c, why in damaged)
+                            + "); start again in a new output_dir")
+        return None
+    if D.is_main():
+        for bad, problem in damaged:
+            aside = bad.with_name(bad.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(bad, aside)
+            log.warning("--resume: %s is damaged (%s); moved to %s, resuming from %s", bad, problem, aside.name, ckpt)
+    D.barrier()
+    return ckpt
+
+
 def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: StepGuard,
-            extra_models: dict | None = None) -> tuple[int, dict, dict]:
-    """Load the latest checkpoint into the model, optimizer, batch stream, guard and RNG.
+            identity: dict | None = None, allow_new_data: bool = False) -> tuple[int, dict, dict]:
+    """Load the newest intact checkpoint into the model, optimizer, batch stream, guard and RNG,
+    once its identity matches this run's (``check_identity``).
 
     Returns (step, loop state, extra tensors); (0, fresh state, {}) when there is none.
     """
-    last = C.latest_checkpoint(Path(output_dir) / "checkpoints")
+    last = intact_checkpoint(Path(output_dir) / "checkpoints")
     if last is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", Path(output_dir) / "checkpoints")
         return 0, new_loop_state(), {}
+    if identity is not None:
+        check_identity(last, C.read_state(last).get("identity"), identity, allow_new_data)
     if C.is_sharded_checkpoint(last):
         restored = C.load_sharded_checkpoint(last, model, optimizer)
     elif D.sharded(model):
@@ -138,15 +231,16 @@ def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: Step
 
 
 def save(output_dir: Path, step: int, model, optimizer, loop: dict, stream: BatchStream,
-         guard: StepGuard, keep_last: int, extra_tensors: dict | None = None) -> Path:
+         guard: StepGuard, keep_last: int, extra_tensors: dict | None = None,
+         identity: dict | None = None) -> Path:
     state = {**loop, "stream": stream.state_dict(), "skipped_steps": guard.total}
     if D.sharded(model):
         if extra_tensors:
             raise UserError("this stage keeps extra tensors in its checkpoints, which sharded runs do not support yet")
         return C.save_sharded_checkpoint(Path(output_dir) / "checkpoints", step, model, optimizer, state,
-                                         get_rng_state(), keep_last)
+                                         get_rng_state(), keep_last, identity)
     return C.save_checkpoint(Path(output_dir) / "checkpoints", step, model, optimizer, state,
-                             get_rng_state(), keep_last, extra_tensors)
+                             get_rng_state(), keep_last, extra_tensors, identity)
 
 
 def due(step: int, every: int, total: int | None = None) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from instructkit.engine.distributed import plain_norm
+from instructkit.engine.distributed import global_max, plain_norm
 from instructkit.errors import TrainingDiverged
 
 # No trained weight of a real model comes near this (Adam moves a weight by about lr per step,
@@ -33,8 +33,8 @@ class StepGuard:
       damaged.
     - Weights that are non-finite or beyond ``MAX_WEIGHT_ABS`` after an update stop the run at
       once, before anything can save them: every checkpoint holds weights from earlier steps.
-    - ``ZERO_GRADIENT_STEPS`` in a row with a gradient norm of exactly 0 (a collapsed model: for
-      a language model, loss stuck at ln(vocab)) stop the run too.
+    - ``ZERO_GRADIENT_STEPS`` in a row with a gradient norm of exactly 0 and a non-zero loss (a
+      collapsed model: for a language model, loss stuck at ln(vocab)) stop the run too.
     """
 
     def __init__(self, max_in_row: int, precision: str = "fp32", attn: str = "sdpa", lr: float = 0.0):
@@ -55,7 +55,9 @@ class StepGuard:
                                                         f"({self.total} in total)"))
 
     def check_gradient(self, grad_norm: float, loss: float, step: int) -> None:
-        self.zero_in_row = self.zero_in_row + 1 if grad_norm == 0.0 else 0
+        # A zero loss with a zero gradient is a batch with nothing to learn (PPO with equal
+        # rewards and exact values), not a collapse.
+        self.zero_in_row = self.zero_in_row + 1 if grad_norm == 0.0 and loss != 0.0 else 0
         if self.zero_in_row >= ZERO_GRADIENT_STEPS:
             raise TrainingDiverged(self.diagnosis(
                 step, f"the gradient norm was exactly 0 for {self.zero_in_row} steps in a row (loss {loss:.4g}): "
@@ -91,11 +93,13 @@ class StepGuard:
 
 
 def max_abs(tensors: list[torch.Tensor]) -> float:
-    """The largest |value| over ``tensors`` (NaN if any is NaN); over all shards under FSDP2."""
-    if not tensors:
-        return 0.0
+    """The largest |value| over ``tensors``, inf if any is NaN or inf; over all ranks' shards
+    under FSDP2 (where a rank's shard of a small tensor may be empty)."""
     with torch.no_grad():
-        return plain_norm(torch.nn.utils.get_total_norm([t.detach() for t in tensors], norm_type=math.inf))
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+        peaks = [t.detach().abs().amax().float() for t in local if t.numel()]
+        peak = float(torch.stack(peaks).amax()) if peaks else 0.0
+    return global_max(peak if math.isfinite(peak) else math.inf)  # (NaN does not survive a MAX reduce)
 
 
 def optimizer_step(

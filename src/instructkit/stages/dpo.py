@@ -72,7 +72,7 @@ class Reference:
         return out
 
 
-def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
+def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> DPOResult:
     out = Path(cfg.output_dir)
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
@@ -161,7 +161,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> DPOResult:
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )
     result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
-                 cfg.model.attn_implementation, resume)
+                 cfg.model.attn_implementation, resume, allow_new_data)
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
     R.release_output_dir(out)

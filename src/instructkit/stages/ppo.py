@@ -263,7 +263,7 @@ def check_start_exists(cfg: PPOConfig) -> None:
                             "configs/tiny/sft_full.yaml`), or point it at a model")
 
 
-def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
+def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> PPOResult:
     check_start_exists(cfg)
     out = Path(cfg.output_dir)
     R.prepare_output_dir(out, resume)
@@ -297,7 +297,8 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else rl.FixedKLController(p.kl_coef))
     moments = rl.RunningMoments()
-    start, loop, _ = (R.restore(out, actors.trainable, optimizer, stream, guard) if resume
+    identity = R.run_identity("ppo", redact(to_dict(cfg)))
+    start, loop, _ = (R.restore(out, actors.trainable, optimizer, stream, guard, identity, allow_new_data) if resume
                       else (0, R.new_loop_state(), {}))
     if "kl_ctl" in loop:
         kl_ctl.load_state_dict(loop["kl_ctl"]), moments.load_state_dict(loop["moments"])
@@ -339,7 +340,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if ptx is not None:
             loop["ptx_stream"] = ptx.stream.state_dict()
         if R.due(step, t.save_every):
-            R.save(out, step, actors.trainable, optimizer, loop, stream, guard, t.keep_last)
+            R.save(out, step, actors.trainable, optimizer, loop, stream, guard, t.keep_last, identity=identity)
     bar.close()
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         actors.trainable, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"), out / "final")

@@ -116,7 +116,7 @@ def build_model(cfg: PretrainConfig, tokenizer, device: torch.device, seed: int)
     return model
 
 
-def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
+def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False) -> PretrainResult:
     out = Path(cfg.output_dir)
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
@@ -160,7 +160,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> PretrainResult:
                        "data_corpus_rebuilt": corpus.rebuilt, "vocab_size": len(tokenizer)},
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
-                 cfg.model.attn_implementation, resume)
+                 cfg.model.attn_implementation, resume, allow_new_data)
     shape = cfg.model.shape or "custom"
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         model, lambda full: M.save_final(full, tokenizer, out / "final", ModelConfig(name_or_path=f"scratch:{shape}")),

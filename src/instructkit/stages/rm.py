@@ -52,7 +52,7 @@ def score_batch(model, batch: dict, device, precision: str) -> torch.Tensor:
         return dist.through(model, M.reward_scores, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
 
 
-def run(cfg: RMConfig, resume: bool = False) -> RMResult:
+def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RMResult:
     out = Path(cfg.output_dir)
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
@@ -118,7 +118,7 @@ def run(cfg: RMConfig, resume: bool = False) -> RMResult:
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
-                 cfg.model.attn_implementation, resume)
+                 cfg.model.attn_implementation, resume, allow_new_data)
     mean, std = reward_statistics(model, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
     final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         model, lambda full: M.save_reward_model(full, tokenizer, out / "final", cfg.model, mean, std), out / "final")

@@ -34,7 +34,7 @@ class SFTResult:
     tokenizer: object = None
 
 
-def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
+def run(cfg: SFTConfig, resume: bool = False, allow_new_data: bool = False) -> SFTResult:
     out = Path(cfg.output_dir)
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
@@ -84,7 +84,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> SFTResult:
         start_metrics={f"data_{k}": v for k, v in sft_data.stats.items()},
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
-                 cfg.model.attn_implementation, resume)
+                 cfg.model.attn_implementation, resume, allow_new_data)
     final = D.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
         model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
     R.release_output_dir(out)
