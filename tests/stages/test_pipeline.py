@@ -66,3 +66,35 @@ def test_pipeline_config_errors_name_the_section(tmp_path):
         load(tmp_path, "sft.train.lr_rate=1")
     with pytest.raises(ConfigError, match="stages"):
         load(tmp_path, "stages=[sft,distill]")
+
+
+def test_a_pipeline_rerun_after_a_kill_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Killed during rm (after the merged-adapter cache was filled) and re-run, the pipeline
+    gives the reward model an uninterrupted run gives (it did not: the warm cache drew no
+    random numbers, the cold one did)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("INSTRUCTKIT_CACHE", str(tmp_path / "cache"))
+    from instructkit.engine import fit as F
+
+    def run(name):
+        return P.load_pipeline_config(REPO / "configs/tiny/pipeline.yaml",
+                                      [f"output_dir={tmp_path / name}", "stages=[sft,rm]"])
+
+    P.run(run("whole"))
+    real = F.optimizer_step
+
+    def killed_in_rm(model, optimizer, max_grad_norm, guard, loss, step):
+        if step == 3 and model.config.num_labels == 1 and getattr(model, "score", None) is not None:
+            raise KeyboardInterrupt
+        return real(model, optimizer, max_grad_norm, guard, loss, step)
+
+    monkeypatch.setattr(F, "optimizer_step", killed_in_rm)
+    with pytest.raises(KeyboardInterrupt):
+        P.run(run("cut"))
+    monkeypatch.undo()
+    monkeypatch.setenv("INSTRUCTKIT_CACHE", str(tmp_path / "cache"))
+    assert (tmp_path / "cut" / "sft" / "final").is_dir() and not (tmp_path / "cut" / "rm" / "final").exists()
+    P.run(run("cut"))
+    curve = lambda name: [v for r in map(json.loads, (tmp_path / name / "rm" / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r for v in (r["step"], r["loss"], r["grad_norm"])]
+    assert len(curve("whole")) == 3 * 8 and curve("whole") == pytest.approx(curve("cut"), abs=1e-6)

@@ -289,9 +289,14 @@ def merged_adapter(adapter_dir: str | Path) -> Path:
 
 
 def local_folder(source: Source) -> str:
-    """The Hugging Face folder behind a local, gguf or adapter source (converted once)."""
-    if source.kind == "gguf":
-        return str(converted_gguf(source.ref))
-    if source.kind == "adapter":
-        return str(merged_adapter(source.ref))
-    return source.ref
+    """The Hugging Face folder behind a local, gguf or adapter source (converted once).
+
+    Filling a cache (loading an adapter draws its initial weights before reading them) runs
+    under a forked RNG, so a seeded run draws the same numbers whether the cache was cold or warm."""
+    if source.kind not in ("gguf", "adapter"):
+        return source.ref
+    import torch
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        return str(converted_gguf(source.ref) if source.kind == "gguf" else merged_adapter(source.ref))
