@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from instructkit.atomic import sha256_file
+from instructkit.errors import UserError
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -207,8 +208,6 @@ def load_checkpoint(
 def check_same_tensors(path: Path, saved: dict, trainable: dict) -> None:
     """Refuse a checkpoint whose trainable tensors are not this model's (a changed adapter.r,
     target_modules or freeze_layers), naming the first difference."""
-    from instructkit.errors import UserError
-
     def first(names):
         return sorted(names)[0]
 

@@ -17,7 +17,7 @@ from instructkit.models.adapters import (
     qlora_quantization_config,
     unwrap,
 )
-from instructkit.models.sources import Source, hub_load, local_folder, resolve_source
+from instructkit.models.sources import Source, forked_rng, hub_load, local_folder, resolve_source
 from instructkit.models.tiny import build_tiny_model
 
 log = logging.getLogger("instructkit.models")
@@ -131,9 +131,7 @@ def load_base_model(
         if num_labels is None:
             model = _from_pretrained(ref, source, key, **kwargs)
         else:  # a classification head the checkpoint lacks is initialised: seed it
-            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(seed)
+            with forked_rng(seed):
                 model = _from_pretrained(ref, source, key, **kwargs)
         name = source.ref
     model.name_or_path = name
@@ -147,13 +145,11 @@ def resize_vocab(model: nn.Module, n_tokens: int) -> bool:
     rows = model.get_input_embeddings().weight.shape[0]
     if n_tokens <= rows:
         return False
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     hf_log = logging.getLogger("transformers.modeling_utils")
     level = hf_log.level
     hf_log.setLevel(logging.ERROR)  # "new embeddings will be initialized from ..." every time
     try:
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(RESIZE_SEED)
+        with forked_rng(RESIZE_SEED):
             model.resize_token_embeddings(n_tokens, pad_to_multiple_of=VOCAB_MULTIPLE)
     finally:
         hf_log.setLevel(level)

@@ -9,6 +9,7 @@ the converted folder loads in under a second and behaves like any local model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -288,6 +289,19 @@ def merged_adapter(adapter_dir: str | Path) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def forked_rng(seed: int | None = None):
+    """torch's CPU and CUDA random streams, seeded with ``seed`` inside the block when given,
+    are as they were after it."""
+    import torch
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 def local_folder(source: Source) -> str:
     """The Hugging Face folder behind a local, gguf or adapter source (converted once).
 
@@ -295,8 +309,5 @@ def local_folder(source: Source) -> str:
     under a forked RNG, so a seeded run draws the same numbers whether the cache was cold or warm."""
     if source.kind not in ("gguf", "adapter"):
         return source.ref
-    import torch
-
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
+    with forked_rng():
         return str(converted_gguf(source.ref) if source.kind == "gguf" else merged_adapter(source.ref))
