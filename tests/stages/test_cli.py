@@ -125,3 +125,13 @@ def test_sft_then_generate_from_the_command_line(tmp_path):
     assert code == 0, err
     rows = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Say 1", "Say 2"] and all("response" in r for r in rows)
+
+
+@pytest.mark.parametrize("argv", [["--debug", "validate", "/no/such.yaml"], ["validate", "/no/such.yaml", "--debug"]])
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(argv):
+    """`--debug` before the subcommand was overwritten by the subcommand's own default."""
+    from instructkit.cli import main
+    from instructkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config file not found"):
+        main(argv)
