@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+from instructkit.errors import UserError
+
 
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``, replacing an older ``out``: the old one is
@@ -29,3 +31,37 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through ``<path>.tmp``, fsync and a rename: a
+    reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a folder that holds something unless asked (``overwrite``), and never
+    replace one that is not a model folder: the whole folder is swapped for the new result, so
+    anything else the user kept there would be lost."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"output={out}: exists and is a file; choose another output")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not (out / "config.json").is_file():
+        raise UserError(f"output={out}: exists and is not a model folder ({', '.join(entries[:5])}"
+                        f"{' ...' if len(entries) > 5 else ''}); choose another output")
+    if not overwrite:
+        raise UserError(f"output={out}: already holds a model ({len(entries)} files); pass "
+                        "--overwrite to replace the whole folder, or choose another output")

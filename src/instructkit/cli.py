@@ -160,7 +160,7 @@ def cmd_eval(args) -> int:
 def cmd_merge(args) -> int:
     from instructkit.export.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, _output(args), dtype=args.dtype)
+    out = merge_adapter(args.adapter, _output(args), dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
@@ -180,15 +180,21 @@ def cmd_package(args) -> int:
     from instructkit.export.package import package_model
 
     out = package_model(args.model, _output(args, "dist"), name=args.name)
-    print(f"archive written to {out}")
+    print(f"archive written to {out}; publish its hash ({out.name}.sha256) apart from it, and "
+          f"check with `instructkit verify {out.name} --sha256 <hash or file>`")
     return 0
 
 
 def cmd_verify(args) -> int:
     from instructkit.export.package import verify_archive
 
-    verify_archive(args.archive)  # raises with the list of bad files
-    print(f"{args.archive}: ok, every file matches its sha256")
+    verify_archive(args.archive, sha256=args.sha256)  # raises with the list of bad files
+    if args.sha256:
+        print(f"{args.archive}: ok, the archive matches the sha256 given and every file its entry")
+    else:
+        print(f"{args.archive}: ok, complete and every file matches its entry in metadata.json "
+              "(that proves no corruption, not who made it: add --sha256 with the hash published "
+              "apart from the archive)")
     return 0
 
 
@@ -196,7 +202,7 @@ def cmd_convert_meta(args) -> int:
     from instructkit.export.meta import convert_meta_checkpoint
 
     out = convert_meta_checkpoint(args.meta_dir, _output(args), llama_version=args.llama_version,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, overwrite=args.overwrite)
     print(f"Hugging Face model written to {out}")
     return 0
 
@@ -270,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already at output")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_merge)
 
@@ -290,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check the sha256 of every file in a package archive")
     p.add_argument("archive")
+    p.add_argument("--sha256", help="the archive's expected sha256 (hex digits, or its .sha256 file)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_verify)
 
@@ -298,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--llama-version", default=None)
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already at output")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_convert_meta)
 

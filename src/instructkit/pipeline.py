@@ -217,7 +217,7 @@ def merge_policy(cfg: PipelineConfig, d: Path) -> None:
 
     src = Path(policy_result(cfg))
     if (src / "adapter_config.json").is_file():
-        merge_adapter(src, d, dtype=cfg.merge_dtype)
+        merge_adapter(src, d, dtype=cfg.merge_dtype, overwrite=True)  # the pipeline's own folder
     else:
         tmp = d.with_name(d.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,10 +24,11 @@ import html
 import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from instructkit.atomic import write_atomic
 
 HTML_FILE = "report.html"
 MD_FILE = "report.md"
@@ -329,16 +330,6 @@ def plot_stage(stage: Stage) -> bytes | None:
 # writing
 
 
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
        max-width: 1180px; padding: 0 16px; color: #1d2430; background: #fff; line-height: 1.45; }
@@ -474,7 +465,7 @@ def write_report(run_dir, stages: list[str] | None = None, title: str | None = N
         png = plot_stage(st)
         if png is not None:
             png_name = f"report_{anchor}.png"
-            _write_atomic(run_dir / png_name, png)
+            write_atomic(run_dir / png_name, png)
             b64 = base64.b64encode(png).decode("ascii")
             h.append(f'<img class="plot" alt="{_esc(st.name)} curves" src="data:image/png;base64,{b64}">')
             m += [f"![{st.name} curves]({png_name})", ""]
@@ -519,6 +510,6 @@ def write_report(run_dir, stages: list[str] | None = None, title: str | None = N
 
     h.append("</body></html>")
     html_path, md_path = run_dir / HTML_FILE, run_dir / MD_FILE
-    _write_atomic(html_path, "\n".join(h) + "\n")
-    _write_atomic(md_path, "\n".join(m).rstrip() + "\n")
+    write_atomic(html_path, "\n".join(h) + "\n")
+    write_atomic(md_path, "\n".join(m).rstrip() + "\n")
     return html_path, md_path

@@ -20,6 +20,10 @@ def test_sft_merge_export_package_verify(tmp_path):
     code, out = cli("merge", tmp_path / "run" / "final", f"output={tmp_path / 'merged'}")
     assert code == 0, out
     assert (tmp_path / "merged" / "config.json").is_file()
+    code, out = cli("merge", tmp_path / "run" / "final", f"output={tmp_path / 'merged'}")
+    assert code == 2 and "--overwrite" in out and "Traceback" not in out, out
+    code, out = cli("merge", tmp_path / "run" / "final", f"output={tmp_path / 'merged'}", "--overwrite")
+    assert code == 0, out
     code, out = cli("export", tmp_path / "merged", "--format", "gguf", "--dtype", "q8_0", f"output={tmp_path / 'm.gguf'}")
     assert code == 0, out
     assert (tmp_path / "m.gguf").stat().st_size > 0
@@ -47,3 +51,12 @@ def test_sft_merge_export_package_verify(tmp_path):
                 tar.addfile(m)
     code, out = cli("verify", bad)
     assert code == 2 and "config.json" in out, out
+    code, out = cli("verify", bad, "--sha256", f"{archive}.sha256")
+    assert code == 2 and "sha256 of the archive" in out and "Traceback" not in out, out
+
+    # the adapter a stage wrote packages as it is (was a TypeError), and checks against its hash
+    code, out = cli("package", tmp_path / "run" / "final", f"output={tmp_path / 'dist_adapter'}")
+    assert code == 0 and ".sha256" in out, out
+    archive = next((tmp_path / "dist_adapter").glob("*.tar.gz"))
+    code, out = cli("verify", archive, "--sha256", f"{archive}.sha256")
+    assert code == 0 and "matches the sha256 given" in out, out

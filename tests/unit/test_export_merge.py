@@ -118,14 +118,27 @@ def test_merge_precision(adapter_dir, tmp_path, dtype, torch_dtype, tol):
     assert (got - want).abs().max() < tol
 
 
-def test_merge_replaces_an_earlier_merge(adapter_dir, tmp_path):
+def test_merge_replaces_a_model_folder_only_when_asked(adapter_dir, tmp_path):
+    """A model already at output= is someone's: merging over it (which swaps the whole folder)
+    is refused unless overwrite; a folder that holds no model is never replaced."""
     src = adapter_dir(False)
     out = tmp_path / "merged"
     merge_adapter(src, out)
-    (out / "stale.txt").write_text("from before")
-    merge_adapter(src, out)
-    assert not (out / "stale.txt").exists()
-    assert not (tmp_path / "merged.old").exists()
+    (out / "notes.txt").write_text("the user's")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="already holds a model .*--overwrite"):
+        merge_adapter(src, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    merge_adapter(src, out, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    assert not (tmp_path / "merged.old").exists() and not (tmp_path / "merged.tmp").exists()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="not a model folder"):
+        merge_adapter(src, tmp_path / "docs", overwrite=True)
+    assert [p.name for p in (tmp_path / "docs").iterdir()] == ["a.txt"]
+    (tmp_path / "empty").mkdir()
+    merge_adapter(src, tmp_path / "empty")  # an empty folder is fine
 
 
 # --------------------------------------------------------------------------- bad input

@@ -538,9 +538,16 @@ def test_shard_gap_and_bad_files(tmp_path, llama3_ranks):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Meta-Llama-3-tiny"]
 
     convert_meta_checkpoint(meta_dir, tmp_path / "hf", llama_version="3")
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already holds a model .*--overwrite"):
         convert_meta_checkpoint(meta_dir, tmp_path / "hf")
     convert_meta_checkpoint(meta_dir, tmp_path / "hf", overwrite=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a model folder"):
+        convert_meta_checkpoint(meta_dir, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    (tmp_path / "notes" / "todo.txt").unlink()
+    (tmp_path / "notes").rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Meta-Llama-3-tiny", "hf"]
 
 

@@ -34,14 +34,16 @@ RECORDS = [
 ]
 
 
-def make_run(root: Path, adapter: bool, name="sft") -> tuple[Path, object]:
-    """runs/<name>/{config.yaml, metrics.jsonl, final/} as an SFT run leaves them."""
+def make_run(root: Path, adapter: bool | str, name="sft") -> tuple[Path, object]:
+    """runs/<name>/{config.yaml, metrics.jsonl, final/} as an SFT run leaves them; ``adapter``
+    True is LoRA, or name the kind ("lora", "dora")."""
     run = root / "runs" / name
     run.mkdir(parents=True)
     model_cfg = ModelConfig(name_or_path="tiny-llama", device="cpu")
+    kind = (adapter if isinstance(adapter, str) else "lora") if adapter else "none"
     cfg = SFTConfig(
         output_dir=str(run), model=model_cfg,
-        adapter=AdapterConfig(kind="lora" if adapter else "none", r=4, alpha=8),
+        adapter=AdapterConfig(kind=kind, r=4, alpha=8),
         data=DataConfig(train="data/alpaca_tiny.jsonl"), train=TrainConfig(max_steps=4, lr=1e-3),
     )
     save_config(cfg, run / "config.yaml")
@@ -57,7 +59,7 @@ def make_run(root: Path, adapter: bool, name="sft") -> tuple[Path, object]:
                     p.add_(torch.randn(p.shape, generator=g) * 0.05)
     else:
         model = build_tiny_model("tiny-llama", seed=1)
-    save_final(model, tok, run / "final", model_cfg)
+    save_final(model, tok, run / "final", model_cfg, cfg.adapter if adapter else None)
     return run, model.eval()
 
 
@@ -89,7 +91,7 @@ def adapter_package(tmp_path_factory):
 def test_adapter_package_contents_and_metadata(adapter_package):
     root, run, _, archive = adapter_package
     assert archive == root / "dist" / "sft.tar.gz"
-    assert sorted(p.name for p in (root / "dist").iterdir()) == ["sft.tar.gz"]  # no temp left
+    assert sorted(p.name for p in (root / "dist").iterdir()) == ["sft.tar.gz", "sft.tar.gz.sha256"]
     files = members(archive)
     names = {n.removeprefix("sft/") for n in files}
     assert all(n.startswith("sft/") for n in files)
@@ -101,12 +103,13 @@ def test_adapter_package_contents_and_metadata(adapter_package):
     assert meta["name"] == "sft" and meta["kind"] == "adapter" and meta["task"] == "causal-lm"
     assert meta["base_model"] == "tiny-llama" and meta["stage"] == "sft" and meta["method"] == "lora"
     assert meta["adapter_config"]["r"] == 4 and meta["adapter_config"]["lora_alpha"] == 8
-    assert meta["training_config"] == yaml.safe_load((run / "config.yaml").read_text())
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert meta["training_config"] == {**written, "output_dir": "sft"}  # no local path (cwd is elsewhere)
     assert yaml.safe_load(files["sft/training_config.yaml"]) == meta["training_config"]
     assert meta["metrics"]["train"] == RECORDS[4]
     assert meta["metrics"]["eval"] == RECORDS[5]
     assert meta["metrics"]["last_step"] == 4
-    assert meta["run_dir"] == str(run.resolve())
+    assert meta["run_dir"] == "sft" and meta["source"] == "final"
     for lib in ("torch", "transformers", "peft", "safetensors", "instructkit"):
         assert meta["versions"][lib] == importlib_metadata.version(lib)
     assert meta["versions"]["python"]
@@ -173,7 +176,8 @@ def test_full_model_package_and_default_name(tmp_path):
     verify_archive(archive)
     # a second package of the same name replaces the first, atomically
     again = package_model(run / "final", tmp_path / "dist", name="sft-full")
-    assert again == archive and sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["sft-full.tar.gz"]
+    assert again == archive
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["sft-full.tar.gz", "sft-full.tar.gz.sha256"]
 
     # a merged folder finds its run through instructkit.json's merged_from
     merged = tmp_path / "runs" / "sft-merged"
@@ -317,7 +321,17 @@ def test_failure_leaves_no_archive(tmp_path, monkeypatch):
     monkeypatch.setattr(pkg._HashingReader, "read", broken)
     with pytest.raises(KeyboardInterrupt):
         package_model(tmp_path / "m", tmp_path / "dist")
-    assert list((tmp_path / "dist").iterdir()) == []
+    assert not (tmp_path / "dist").exists()  # the folder it made for the archive is gone too
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(KeyboardInterrupt):
+        package_model(tmp_path / "m", tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(UserError):
+        package_model(tmp_path / "bad", tmp_path / "dist2")
+    assert not (tmp_path / "dist2").exists()
 
 
 def test_last_metrics_and_redaction(tmp_path):
@@ -330,3 +344,85 @@ def test_last_metrics_and_redaction(tmp_path):
     red = pkg._redact(cfg)
     assert red["log"] == {"wandb_api_key": "***", "hf_token": "***", "max_new_tokens": 5}
     assert red["model"]["tokenizer"] == "path/to/tok"
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_adapter_of_a_real_run_packages(tmp_path, kind):
+    """save_final records the run's adapter section ({kind, r, alpha}) in instructkit.json, as
+    every stage does; packaging read it as the adapter's name (TypeError: unhashable dict)."""
+    run, model = make_run(tmp_path, adapter=kind)
+    archive = package_model(run / "final", tmp_path / "dist")
+    files = members(archive)
+    meta = json.loads(files["sft/metadata.json"])
+    assert meta["method"] == kind and meta["kind"] == "adapter"
+    assert ("DoRA adapter" if kind == "dora" else "LoRA adapter") in files["sft/README.md"].decode()
+    assert "r=4, alpha=8" in files["sft/README.md"].decode()
+    verify_archive(archive)
+
+
+def test_dotfiles_and_outside_links_are_left_out(tmp_path, caplog):
+    run, _ = make_run(tmp_path, adapter=False)
+    final = run / "final"
+    (final / ".env").write_text("OPENAI_API_KEY=sk-secret\n")
+    (final / ".cache").mkdir()
+    (final / ".cache" / "blob").write_text("x")
+    outside = tmp_path / "private.txt"
+    outside.write_text("private notes")
+    (final / "notes.txt").symlink_to(outside)
+    (final / "tokenizer_alias.json").symlink_to(final / "tokenizer.json")  # inside: kept
+    with caplog.at_level("WARNING", logger="instructkit.export"):
+        archive = package_model(final, tmp_path / "dist")
+    files = members(archive)
+    names = {n.removeprefix("sft/") for n in files}
+    assert not {".env", ".cache/blob", "notes.txt"} & names
+    assert files["sft/tokenizer_alias.json"] == (final / "tokenizer.json").read_bytes()
+    meta = json.loads(files["sft/metadata.json"])
+    assert meta["left_out"] == {"hidden": [".cache/blob", ".env"], "links_outside": ["notes.txt"]}
+    assert ".env" in caplog.text and "notes.txt" in caplog.text
+    assert not any(b"sk-secret" in data or b"private notes" in data for data in files.values())
+    verify_archive(archive)
+
+
+def test_metadata_holds_no_absolute_local_paths(tmp_path, monkeypatch):
+    run, _ = make_run(tmp_path, adapter=True)
+    monkeypatch.chdir(tmp_path)
+    archive = package_model(run / "final", tmp_path / "dist")
+    files = members(archive)
+    meta = json.loads(files["sft/metadata.json"])
+    assert meta["source"] == "runs/sft/final" and meta["run_dir"] == "runs/sft"
+    assert meta["training_config"]["output_dir"] == "runs/sft"
+    for text in (files["sft/metadata.json"], files["sft/README.md"], files["sft/training_config.yaml"]):
+        assert str(tmp_path).encode() not in text
+    # outside the working folder only the folder's name is kept
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    meta = json.loads(members(package_model(run / "final", tmp_path / "dist"))["sft/metadata.json"])
+    assert meta["source"] == "final" and meta["run_dir"] == "sft"
+
+
+def test_verify_against_an_external_sha256(adapter_package, tmp_path):
+    """A file changed together with its hash in metadata.json passes verify on its own; the
+    archive's sha256, written beside it by package, catches it."""
+    _, _, _, archive = adapter_package
+    sidecar = Path(f"{archive}.sha256")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert sidecar.read_text() == f"{digest}  {archive.name}\n"  # sha256sum -c reads it
+
+    def forge(files):
+        files["sft/tokenizer.json"] = files["sft/tokenizer.json"] + b" "
+        meta = json.loads(files["sft/metadata.json"])
+        meta["files"]["tokenizer.json"] = {"sha256": hashlib.sha256(files["sft/tokenizer.json"]).hexdigest(),
+                                           "size": len(files["sft/tokenizer.json"])}
+        files["sft/metadata.json"] = json.dumps(meta).encode()
+
+    forged = rewrite(archive, tmp_path / "forged.tar.gz", forge)
+    verify_archive(forged)  # consistent with itself: verify alone cannot tell
+    with pytest.raises(UserError, match="sha256 of the archive is .* expected " + digest[:12]):
+        verify_archive(forged, sha256=digest)
+    with pytest.raises(UserError, match="sha256 of the archive"):
+        verify_archive(forged, sha256=str(sidecar))
+    assert verify_archive(archive, sha256=digest)["archive_sha256"] == digest
+    assert verify_archive(archive, sha256=str(sidecar))["archive_sha256"] == digest
+    assert verify_archive(archive, sha256=digest.upper())["archive_sha256"] == digest
+    with pytest.raises(UserError, match="64 hexadecimal digits or a file"):
+        verify_archive(archive, sha256="abc")

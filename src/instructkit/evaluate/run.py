@@ -180,10 +180,10 @@ def _merge_previous(path: Path, report: dict) -> dict:
 
 def write_report(out: Path, report: dict) -> None:
     """``eval.json`` and ``eval.md``, each written atomically."""
-    from instructkit.evaluate.samples import write_text_atomic
+    from instructkit.atomic import write_atomic
 
-    write_text_atomic(Path(out) / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    write_text_atomic(Path(out) / TABLE_FILE, markdown_table(report))
+    write_atomic(Path(out) / REPORT_FILE, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    write_atomic(Path(out) / TABLE_FILE, markdown_table(report))
 
 
 # task -> (key, label, format) rows of the table

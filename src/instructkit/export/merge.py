@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from instructkit.atomic import replace_dir
+from instructkit.atomic import check_output_folder, replace_dir
 from instructkit.errors import UserError
 from instructkit.models.adapters import unwrap
 
@@ -316,20 +316,13 @@ def _load_on_4bit_base(p: Path, base_name: str, meta: dict):
     return model, tokenizer
 
 
-def _prepare_output(out: Path, adapter_dir: Path) -> Path:
+def _prepare_output(out: Path, adapter_dir: Path, overwrite: bool) -> Path:
     src = adapter_dir.resolve()
     dst = out.resolve()
     if dst == src or src in dst.parents:
         raise UserError(f"output={str(out)!r} is inside the adapter folder; choose another")
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"output={str(out)!r} exists and is a file")
-        if any(out.iterdir()) and not (out / "config.json").exists():
-            raise UserError(
-                f"output={str(out)!r} exists and is not a model folder; choose another output "
-                "(a previous merge there would be replaced)"
-            )
-    elif not out.parent.exists():
+    check_output_folder(out, overwrite)
+    if not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -353,9 +346,11 @@ def _generation_config(model, adapter_dir: Path):
     return gen
 
 
-def merge_adapter(adapter_dir, output_dir, dtype: str = "fp32") -> Path:
+def merge_adapter(adapter_dir, output_dir, dtype: str = "fp32", overwrite: bool = False) -> Path:
     """Merge the adapter in ``adapter_dir`` into its base and save the result to
-    ``output_dir`` (safetensors, tokenizer with chat template, generation config).
+    ``output_dir`` (safetensors, tokenizer with chat template, generation config). A model
+    already at ``output_dir`` is replaced only with ``overwrite``; any other non-empty folder
+    never.
 
     ``dtype``: ``fp32``, ``bf16`` or ``fp16``, the precision of the saved weights (the merge
     itself runs in float32). Returns the output folder."""
@@ -367,7 +362,7 @@ def merge_adapter(adapter_dir, output_dir, dtype: str = "fp32") -> Path:
     adapter_cfg, meta = _check_adapter_folder(p, "adapter")
     base_name, base_config = _check_base(p, adapter_cfg, meta)
     out = Path(str(output_dir)).expanduser()
-    tmp = _prepare_output(out, p)
+    tmp = _prepare_output(out, p, overwrite)
     qlora = qlora_settings(p, meta)
     base_4bit = _base_quantization(base_config) if base_config is not None else None
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from instructkit.atomic import replace_dir
+from instructkit.atomic import check_output_folder, replace_dir
 from instructkit.errors import UserError
 
 log = logging.getLogger("instructkit.export")
@@ -751,7 +751,8 @@ def convert_meta_checkpoint(
     ``tokenizer_path`` is given. ``llama_version``: "2", "3", "3.1", "3.2", "3.3"; None detects
     it (a sentencepiece tokenizer is Llama 2; tiktoken without scaled rope 3; with it 3.1, or
     3.2 for the 1B/3B shapes). ``dtype``: bf16 (Meta's own), fp16 or fp32. An existing
-    non-empty ``output_dir`` is an error unless ``overwrite``.
+    model folder at ``output_dir`` is replaced only with ``overwrite``, any other non-empty
+    folder never.
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -781,9 +782,7 @@ def convert_meta_checkpoint(
                        else f"{meta_dir / TOKENIZER_FILE} (or in {meta_dir.parent})")
     if missing:
         raise UserError("not a complete Meta checkpoint; missing: " + "; ".join(missing))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; choose another output folder "
-                        "or pass overwrite")
+    check_output_folder(out, overwrite)
     if out.resolve() == meta_dir.resolve():
         raise UserError(f"the output folder {out} is the checkpoint folder itself")
 

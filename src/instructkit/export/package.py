@@ -23,6 +23,7 @@ Members with absolute paths, ``..``, links or device files are refused by both.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -40,11 +41,13 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from instructkit.atomic import sha256_file, write_atomic
 from instructkit.errors import UserError
 
 log = logging.getLogger("instructkit.export")
 
 ARCHIVE_SUFFIX = ".tar.gz"
+SHA256_SUFFIX = ".sha256"
 METADATA_FILE = "metadata.json"
 CARD_FILE = "README.md"
 REQUIREMENTS_FILE = "requirements.txt"
@@ -153,25 +156,73 @@ _STAGE_NAMES = {
 _ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (4-bit NF4 base)"}
 
 
-def _iter_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative posix path, path) of every regular file under ``root``, sorted; symlinked
-    files are included by their content."""
+def _iter_files(root: Path, left_out: dict | None = None) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of every regular file under ``root``, sorted. Links are
+    followed while they stay inside ``root``; dotfiles and dot-folders (``.env``, ``.git``) and
+    links that lead outside are skipped, and named in ``left_out`` ("hidden", "links_outside")
+    when given: a packaged folder must not carry a secret or a file from elsewhere."""
     out = []
     seen_dirs = set()
+    top = os.path.realpath(root)
+    hidden, outside = [], []
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == top or real.startswith(top + os.sep)
+
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:  # a symlink loop
             dirnames[:] = []
             continue
         seen_dirs.add(real)
+        rel_dir = Path(dirpath).relative_to(root)
+        for dn in sorted(dirnames):
+            rel = (rel_dir / dn).as_posix()
+            if dn.startswith("."):
+                hidden.extend(r for r, _ in _all_below(Path(dirpath) / dn, rel))
+                dirnames.remove(dn)
+            elif not inside(os.path.join(dirpath, dn)):
+                outside.append(rel + "/")
+                dirnames.remove(dn)
         dirnames.sort()
         for fn in sorted(filenames):
             p = Path(dirpath) / fn
-            if not p.is_file():  # broken link, socket, fifo
-                continue
             rel = p.relative_to(root).as_posix()
-            out.append((rel, p))
+            if fn.startswith("."):
+                hidden.append(rel)
+            elif not inside(str(p)):
+                outside.append(rel)
+            elif p.is_file():  # not a broken link, socket or fifo
+                out.append((rel, p))
+    if left_out is not None:
+        left_out.update(hidden=sorted(hidden), links_outside=sorted(outside))
     return sorted(out)
+
+
+def _all_below(folder: Path, rel: str) -> list[tuple[str, Path]]:
+    """Every file under a skipped dot-folder, for the list of what was left out."""
+    try:
+        return [(f"{rel}/{p.relative_to(folder).as_posix()}", p) for p in folder.rglob("*")
+                if not p.is_dir()] or [(rel + "/", folder)]
+    except OSError:
+        return [(rel + "/", folder)]
+
+
+def _portable(value, cwd: Path):
+    """``value`` with every absolute local path made relative to the working folder, or cut to
+    its last component when outside it: an archive travels, the packager's folders stay home."""
+    if isinstance(value, dict):
+        return {k: _portable(v, cwd) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, cwd) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and "\n" not in value:
+        resolved = Path(value).resolve()
+        try:
+            return resolved.relative_to(cwd).as_posix() or "."
+        except ValueError:
+            return resolved.name or value
+    return value
 
 
 def describe_model(model_dir: Path) -> dict:
@@ -198,6 +249,8 @@ def describe_model(model_dir: Path) -> dict:
             or (config or {}).get("_name_or_path")
             or None)
     adapter = info.get("adapter")
+    if isinstance(adapter, dict):  # a stage's final/ records its adapter section
+        adapter = adapter.get("kind")
     if kind == "adapter":
         adapter = "dora" if adapter_cfg.get("use_dora") else (adapter or "lora")
     model = {}
@@ -416,6 +469,22 @@ class _HashingReader:
         return b
 
 
+class _HashingWriter:
+    """A file wrapper that hashes what is written through it (the archive's sha256 without a
+    second read of a many-GB file)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
 def _default_name(model_dir: Path) -> str:
     raw = model_dir.parent.name if model_dir.name in ("final", "") else model_dir.name
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", raw).strip("-.") or "model"
@@ -453,12 +522,21 @@ def package_model(model_dir, output_dir, name: str | None = None, run_dir=None) 
     out_dir = Path(output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output={output_dir}: exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
     out_dir = out_dir.resolve()
     if out_dir == src or src in out_dir.parents:
         raise UserError(f"output={output_dir} is inside the model folder {src}; choose a folder "
                         "outside it")
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
+    try:
+        return _package(src, out_dir, name, run_dir, t0)
+    except BaseException:
+        for folder in made:  # a failed package leaves nothing behind, not even its folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
 
+
+def _package(src: Path, out_dir: Path, name: str, run_dir, t0: float) -> Path:
     d = describe_model(src)
     run = Path(run_dir).expanduser().resolve() if run_dir else find_run_dir(src, d["instructkit"] or {})
     training_config = None
@@ -470,12 +548,20 @@ def package_model(model_dir, output_dir, name: str | None = None, run_dir=None) 
                 training_config = yaml.safe_load(cfg_path.read_text())
             except yaml.YAMLError as e:
                 raise UserError(f"{cfg_path}: not valid YAML ({e})") from None
-            training_config = _redact(training_config) if isinstance(training_config, dict) else None
+            training_config = (_portable(_redact(training_config), Path.cwd().resolve())
+                               if isinstance(training_config, dict) else None)
         elif run_dir:
             raise UserError(f"run_dir={run_dir}: no config.yaml there")
         if (run / "metrics.jsonl").is_file():
             metrics = last_metrics(run / "metrics.jsonl")
 
+    left_out: dict = {}
+    model_files = [(rel, p) for rel, p in _iter_files(src, left_out) if rel not in GENERATED]
+    if left_out["hidden"] or left_out["links_outside"]:
+        log.warning("package: left out of the archive: %s", "; ".join(
+            f"{what} {', '.join(v[:10])}{' ...' if len(v) > 10 else ''}" for what, v in
+            (("dotfiles", left_out["hidden"]), ("links leading outside the folder",
+                                                left_out["links_outside"])) if v))
     versions = library_versions()
     created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     mtime = int(created.timestamp())
@@ -492,12 +578,14 @@ def package_model(model_dir, output_dir, name: str | None = None, run_dir=None) 
         "source": str(src),
         "run_dir": str(run) if run else None,
         "model_info": {k: v for k, v in d.items() if k not in ("adapter_config",)},
+        "left_out": left_out,
         "adapter_config": d["adapter_config"],
         "training_config": training_config,
         "metrics": metrics,
         "versions": versions,
         "files": {},
     }
+    meta = _portable(meta, Path.cwd().resolve())
 
     generated: dict[str, bytes] = {
         CARD_FILE: model_card(meta).encode(),
@@ -505,17 +593,18 @@ def package_model(model_dir, output_dir, name: str | None = None, run_dir=None) 
     }
     if training_config is not None:
         generated[TRAINING_CONFIG_FILE] = yaml.safe_dump(training_config, sort_keys=False).encode()
-    model_files = [(rel, p) for rel, p in _iter_files(src) if rel not in GENERATED]
     replaced = [rel for rel, _ in _iter_files(src) if rel in GENERATED]
     if replaced:
         meta["replaced_from_model_folder"] = replaced
 
     final = out_dir / f"{name}{ARCHIVE_SUFFIX}"
     tmp = out_dir / f".{name}{ARCHIVE_SUFFIX}.tmp-{os.getpid()}"
+    sidecar = out_dir / f"{name}{ARCHIVE_SUFFIX}{SHA256_SUFFIX}"
     files: dict[str, dict] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6,
-                                                  format=tarfile.PAX_FORMAT) as tar:
+        with open(tmp, "wb") as f_out, tarfile.open(fileobj=(raw := _HashingWriter(f_out)), mode="w:gz",
+                                                    compresslevel=6, format=tarfile.PAX_FORMAT) as tar:
             top = _tarinfo(name, 0, mtime)
             top.type, top.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(top)
@@ -537,7 +626,11 @@ def package_model(model_dir, output_dir, name: str | None = None, run_dir=None) 
             raw.flush()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        sidecar.unlink(missing_ok=True)  # never a stale hash beside a new archive
         os.replace(tmp, final)
+        # the archive's own hash, in sha256sum's format: published apart from the archive, it
+        # proves what metadata.json cannot (that nobody rewrote a file and its entry together)
+        write_atomic(sidecar, f"{raw.sha.hexdigest()}  {final.name}\n")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -573,15 +666,42 @@ def _open_archive(path: Path) -> tarfile.TarFile:
         raise UserError(f"{path}: not a readable .tar.gz archive ({e})") from None
 
 
-def verify_archive(path, raise_on_error: bool = True) -> dict:
+def _expected_sha256(sha256: str) -> str:
+    """The hash ``sha256`` names: 64 hex digits, or a file holding them first (``sha256sum``'s
+    format, as the ``.sha256`` file package writes)."""
+    text = sha256.strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text) and Path(sha256).expanduser().is_file():
+        words = Path(sha256).expanduser().read_text(errors="replace").split()
+        text = words[0] if words else ""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise UserError(f"sha256={sha256!r}: expected 64 hexadecimal digits or a file holding them "
+                        f"(the {SHA256_SUFFIX} file written beside the archive)")
+    return text.lower()
+
+
+def verify_archive(path, raise_on_error: bool = True, sha256: str | None = None) -> dict:
     """Re-hash every file of an archive written by :func:`package_model` and compare with its
-    ``metadata.json``.
+    ``metadata.json``; with ``sha256`` (hex digits or a ``.sha256`` file) check the whole
+    archive's hash first.
+
+    The file check proves the archive is complete and every file is the one listed; only the
+    archive's hash, obtained apart from it, proves nobody rewrote a file and its entry together.
 
     Returns ``{"archive", "name", "ok": [...], "mismatched": [...], "missing": [...],
-    "extra": [...]}`` (paths inside the top folder); raises UserError listing the problems
-    when a file differs, is missing or is not listed (unless ``raise_on_error=False``). Unsafe
-    members (absolute paths, ``..``, links, devices) are always an error."""
+    "extra": [...], "archive_sha256"}`` (paths inside the top folder); raises UserError listing
+    the problems when a file differs, is missing or is not listed (unless
+    ``raise_on_error=False``). Unsafe members (absolute paths, ``..``, links, devices) and a
+    wrong archive hash are always an error."""
     path = Path(path).expanduser()
+    want = _expected_sha256(sha256) if sha256 is not None else None
+    got_sha = None
+    if want is not None:
+        if not path.is_file():
+            raise UserError(f"{path}: no such archive")
+        got_sha = sha256_file(path)
+        if got_sha != want:
+            raise UserError(f"{path}: the sha256 of the archive is {got_sha}, expected {want}: it is "
+                            "not the archive that hash was published for")
     found: dict[str, tuple[str, int]] = {}
     meta_blob = None
     tops, unsafe = set(), []
@@ -626,7 +746,7 @@ def verify_archive(path, raise_on_error: bool = True) -> dict:
     except (ValueError, KeyError, AssertionError, TypeError):
         raise UserError(f"{path}: {METADATA_FILE} is not valid (no 'files' table)") from None
     report = {"archive": str(path), "name": next(iter(tops)), "ok": [], "mismatched": [],
-              "missing": [], "extra": []}
+              "missing": [], "extra": [], "archive_sha256": got_sha}
     for rel, want in sorted(listed.items()):
         got = found.get(rel)
         if got is None:
