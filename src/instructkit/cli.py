@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from instructkit.errors import UserError
+from instructkit.redact import mask_text, redact
 
 STAGES = ("sft", "rm", "dpo", "ppo", "pretrain")
 
@@ -75,7 +76,7 @@ def cmd_validate(args) -> int:
     if args.show:
         import yaml
 
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
     return 0
 
 
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"instructkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"instructkit {args.command}: error: {mask_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact (use --resume)", file=sys.stderr)

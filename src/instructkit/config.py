@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from instructkit.errors import ConfigError, UserError
+from instructkit.redact import redact
 
 Precision = Literal["fp32", "bf16", "bf16-mixed"]
 AttnImpl = Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]
@@ -797,11 +798,11 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
+    """Write the resolved config as YAML (atomically), secrets masked (see instructkit.redact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))  # no secrets on disk
     tmp.replace(path)
 
 

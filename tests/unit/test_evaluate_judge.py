@@ -343,3 +343,38 @@ def test_pairwise_unparseable_is_excluded(tmp_path):
     with pytest.raises(UserError, match="pairwise.responses_b"):
         J.pairwise_compare(backend("http://127.0.0.1:1/v1"), A, [{"prompt": "zzz", "response": "x"}],
                            tmp_path / "p3.jsonl", tmpl, progress=False)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_a_server_echoing_the_key_does_not_put_it_on_stderr(tmp_path, monkeypatch):
+    """A proxy that answers 401 or garbage with the request's headers in its body: the
+    snippet quoted in the error shows the reply with the key masked."""
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-live-abcdef123456")
+    echo = 'rejected: {"Authorization": "Bearer sk-live-abcdef123456", "key": "sk-live-abcdef123456"}'
+    for status in (401, 200, 503):
+        with FakeJudge(lambda m: (status, echo)) as srv:
+            with pytest.raises(UserError) as e:
+                backend(srv.url, api_key_env="MY_JUDGE_KEY").complete("hi")
+        msg = str(e.value)
+        assert "sk-live-abcdef123456" not in msg and "rejected" in msg and "***" in msg, msg
+
+
+def test_credentials_in_base_url_are_basic_auth_and_never_shown(tmp_path):
+    import base64
+
+    rubric = J.load_prompt_template(None, "rubric")
+    with FakeJudge(canned) as srv:
+        url = srv.url.replace("http://", "http://alice:s3cr%40t@")
+        b = backend(url)
+        assert "s3cr" not in repr(b) and "s3cr" not in b.name and "alice" not in b.url
+        res = J.judge_responses(b, ROWS[:1], tmp_path / "j.jsonl", rubric, progress=False)
+        assert res["n_scored"] == 1
+        assert srv.requests[0]["auth"] == "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+        assert srv.requests[0]["path"] == "/v1/chat/completions"
+    assert "s3cr" not in (tmp_path / "j.jsonl").read_text() and "s3cr" not in json.dumps(res)
+    down = f"http://alice:s3cr%40t@127.0.0.1:{free_port()}/v1"
+    with pytest.raises(UserError) as e:
+        backend(down).complete("hi")
+    assert "s3cr" not in str(e.value) and "not reachable" in str(e.value)

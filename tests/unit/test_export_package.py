@@ -20,6 +20,7 @@ from instructkit.errors import UserError
 from instructkit.export import package as pkg
 from instructkit.export.package import extract_archive, last_metrics, package_model, verify_archive
 from instructkit.models import build_tiny_model, load_model, save_final, tiny_tokenizer
+from instructkit.redact import redact
 
 X = torch.tensor([[5, 17, 300, 41, 9, 1000, 77]])
 
@@ -341,7 +342,7 @@ def test_last_metrics_and_redaction(tmp_path):
     assert got == {"train": RECORDS[4], "eval": RECORDS[5], "last_step": 4}
     cfg = {"log": {"wandb_api_key": "abc", "hf_token": "x", "max_new_tokens": 5},
            "model": {"tokenizer": "path/to/tok"}}
-    red = pkg._redact(cfg)
+    red = redact(cfg)
     assert red["log"] == {"wandb_api_key": "***", "hf_token": "***", "max_new_tokens": 5}
     assert red["model"]["tokenizer"] == "path/to/tok"
 

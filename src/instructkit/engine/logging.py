@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 from instructkit.config import LogConfig
-
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
-
-
-def redact(obj):
-    """Copy of a config dict with secret-looking values replaced (no secrets in logs)."""
-    if isinstance(obj, dict):
-        return {
-            k: ("***" if _SECRET.search(str(k)) and isinstance(v, str) and v else redact(v))
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
+from instructkit.redact import redact
 
 def truncate_jsonl(path: Path, step: int | None) -> None:
     """Keep the records of ``path`` up to ``step`` (a resumed run continues one curve, with no

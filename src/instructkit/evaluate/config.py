@@ -13,6 +13,7 @@ from typing import Literal
 
 from instructkit.config import DataConfig
 from instructkit.errors import ConfigError
+from instructkit.redact import mask_text
 
 TASKS = ("perplexity", "reward_accuracy", "samples", "judge", "pairwise")
 Task = Literal["perplexity", "reward_accuracy", "samples", "judge", "pairwise"]
@@ -199,7 +200,7 @@ class EvalConfig:
                     raise ConfigError("judge.base_url is empty: the judge server, e.g. "
                                       "http://localhost:11434/v1")
                 if not re.match(r"^https?://", j.base_url):
-                    raise ConfigError(f"judge.base_url={j.base_url!r} must start with http:// or https://")
+                    raise ConfigError(f"judge.base_url={mask_text(j.base_url)!r} must start with http:// or https://")
                 if not j.model:
                     raise ConfigError("judge.model is empty: the judge model's name on the "
                                       "server (e.g. llama3.1:8b for Ollama)")

@@ -6,7 +6,8 @@ Backends:
   server, OpenAI). ``POST {base_url}/chat/completions`` with ``{"model", "messages",
   "temperature": 0, "max_tokens"}`` over ``urllib`` (no extra dependency); the API key, when
   ``judge.api_key_env`` names an environment variable, goes in an ``Authorization: Bearer``
-  header and nowhere else. Connection errors, timeouts, 429 and 5xx are retried with
+  header and nowhere else; ``user:password@`` in ``judge.base_url`` is sent as basic auth. Both
+  are masked in every message, including server replies that echo them. Connection errors, timeouts, 429 and 5xx are retried with
   exponential backoff; requests run ``judge.concurrency`` at a time.
 - ``hf``: a local Hugging Face model, greedy, through :func:`instructkit.generate.generate_responses`.
 
@@ -22,6 +23,7 @@ judge, the prompt file and the texts judged; a second run sends only what the lo
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -31,12 +33,14 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
 from instructkit.errors import ConfigError, UserError
+from instructkit.redact import mask_text
 
 log = logging.getLogger("instructkit.evaluate")
 
@@ -166,13 +170,17 @@ class OpenAIJudge(JudgeBackend):
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None,
                  timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0,
                  concurrency: int = 4, max_tokens: int = 256):
-        base = base_url.rstrip("/")
+        base, credentials = _split_credentials(base_url.rstrip("/"))  # credentials: "" if none
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model = model
         self.name = f"openai:{model}@{base}"
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.concurrency, self.max_tokens = concurrency, max_tokens
         self._api_key = None
+        # user:password@ in judge.base_url is HTTP basic auth (urllib would take it for the
+        # host name); the URL kept and shown is without it
+        self._basic = base64.b64encode(credentials.encode()).decode() if credentials else None
+        self._secrets = [x for x in (credentials, credentials.partition(":")[2], self._basic) if x]
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
@@ -182,6 +190,7 @@ class OpenAIJudge(JudgeBackend):
                     "for a server without keys (Ollama, vLLM, llama.cpp)"
                 )
             self._api_key = key
+            self._secrets.append(key)
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIJudge(url={self.url!r}, model={self.model!r}, key={'set' if self._api_key else 'none'})"
@@ -191,6 +200,8 @@ class OpenAIJudge(JudgeBackend):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        elif self._basic:
+            headers["Authorization"] = f"Basic {self._basic}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -223,9 +234,9 @@ class OpenAIJudge(JudgeBackend):
                 if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
                     last = f"no answer within judge.timeout_s={self.timeout_s:g}s"
                 else:
-                    last = f"not reachable ({reason})"
+                    last = f"not reachable ({mask_text(str(reason), self._secrets)})"
                 continue
-            text = raw.decode("utf-8", errors="replace")
+            text = mask_text(raw.decode("utf-8", errors="replace"), self._secrets)  # a server may echo the key
             if status == 429 or status >= 500:
                 last = f"answered HTTP {status}: {_snippet(text)}"
                 continue
@@ -295,6 +306,15 @@ def _chat_content(text: str) -> str | None:
     if isinstance(content, list):  # content parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""
+
+
+def _split_credentials(url: str) -> tuple[str, str]:
+    """``http://user:pass@host/v1`` -> (``http://host/v1``, ``"user:pass"``)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, ""
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), urllib.parse.unquote(userinfo)
 
 
 def _snippet(text: str, n: int = 200) -> str:

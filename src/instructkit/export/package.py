@@ -43,6 +43,7 @@ import yaml
 
 from instructkit.atomic import sha256_file, write_atomic
 from instructkit.errors import UserError
+from instructkit.redact import redact
 
 log = logging.getLogger("instructkit.export")
 
@@ -60,7 +61,6 @@ VERSIONED = ("instructkit", "torch", "transformers", "peft", "safetensors", "tok
 PINNED = ("torch", "transformers", "peft", "safetensors")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|(^|[_-])token$)", re.IGNORECASE)
 _MAX_METADATA_BYTES = 64 << 20
 
 
@@ -87,15 +87,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
-
-
-def _redact(obj):
-    if isinstance(obj, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v else _redact(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_redact(v) for v in obj]
-    return obj
 
 
 def find_run_dir(model_dir: Path, info: dict) -> Path | None:
@@ -548,7 +539,7 @@ def _package(src: Path, out_dir: Path, name: str, run_dir, t0: float) -> Path:
                 training_config = yaml.safe_load(cfg_path.read_text())
             except yaml.YAMLError as e:
                 raise UserError(f"{cfg_path}: not valid YAML ({e})") from None
-            training_config = (_portable(_redact(training_config), Path.cwd().resolve())
+            training_config = (_portable(redact(training_config), Path.cwd().resolve())
                                if isinstance(training_config, dict) else None)
         elif run_dir:
             raise UserError(f"run_dir={run_dir}: no config.yaml there")

@@ -23,7 +23,7 @@ from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import completion_logps, to_device
-from instructkit.engine.logging import redact
+from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import autocast, resolve_device, seed_everything
 from instructkit.generate import log_samples

@@ -37,7 +37,8 @@ from instructkit.data.prompts import load_prompts
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
-from instructkit.engine.logging import MetricsLogger, ProgressBar, redact
+from instructkit.engine.logging import MetricsLogger, ProgressBar
+from instructkit.redact import redact
 from instructkit.engine.optim import lr_at, optimizer_of
 from instructkit.engine.runtime import autocast, peak_memory_gb, resolve_device, seed_everything
 from instructkit.engine.step import StepGuard, optimizer_step

@@ -19,7 +19,7 @@ from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine import distributed as dist
 from instructkit.engine.lm import evaluate_lm, lm_backward, warn_if_unchunked
-from instructkit.engine.logging import redact
+from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import resolve_device, seed_everything
 from instructkit.errors import DataError, UserError

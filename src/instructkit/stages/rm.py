@@ -20,7 +20,7 @@ from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import to_device
-from instructkit.engine.logging import redact
+from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import autocast, resolve_device, seed_everything
 from instructkit.preference_losses import (
