@@ -299,3 +299,35 @@ def test_exploded_weights_stop_ppo_before_they_are_sampled_or_saved(tmp_path, mo
         ppo.run(cfg)
     assert not (Path(cfg.output_dir) / "checkpoints").exists() or not any((Path(cfg.output_dir) / "checkpoints").iterdir())
     assert not (Path(cfg.output_dir) / "final").exists()
+
+
+@pytest.mark.parametrize("layout", ["shared", "separate"])
+def test_final_and_its_value_model_appear_in_one_rename(tmp_path, layout, monkeypatch):
+    """final/ must never exist without final/value/ (a crash between two renames left a final
+    that looks complete and has no value model), and an older final is replaced whole."""
+    import os
+
+    from instructkit import models as M
+
+    over = (["policy.name_or_path=tiny-llama", "ppo.value_name_or_path=tiny-llama"] if layout == "separate"
+            else TINY_LORA)
+    cfg = ppo_cfg(tmp_path, *over, lora=False)
+    tok = M.load_tokenizer(cfg.policy)
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "stale.txt").write_text("an older final")
+    seen = []
+    real_rename = os.rename
+
+    def watching(src, dst, *a, **k):
+        real_rename(src, dst, *a, **k)
+        if final.is_dir() and not (final / "stale.txt").exists():
+            seen.append((final / "value").is_dir() and (final / "config.json").is_file() or
+                        (final / "adapter_config.json").is_file() and (final / "value").is_dir())
+
+    monkeypatch.setattr(os, "rename", watching)
+    ppo.save_ppo_final(ppo.Actors(cfg, tok, torch.device("cpu")), tok, cfg, final)
+    assert seen and all(seen), seen
+    assert not (final / "stale.txt").exists() and not list(tmp_path.glob("final.*"))
+    value_file = "value_head.safetensors" if layout == "shared" else "config.json"
+    assert (final / "value" / value_file).is_file()

@@ -28,7 +28,7 @@ from instructkit.models.load import (
     resize_vocab,
     resolve_device,
 )
-from instructkit.models.save import load_for_inference, save_final
+from instructkit.models.save import load_for_inference, save_final, write_final
 from instructkit.models.sources import (
     Source,
     converted_gguf,
@@ -67,6 +67,7 @@ __all__ = [
     "resolve_source",
     "reward_scores",
     "save_final",
+    "write_final",
     "save_reward_model",
     "set_chat_template",
     "smollm2_gguf_path",

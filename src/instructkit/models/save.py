@@ -123,12 +123,27 @@ def save_final(model, tokenizer, out_dir, model_cfg, adapter_cfg=None) -> Path:
 
     ``adapter_cfg``: the run's adapter section, recorded in ``instructkit.json`` for adapter
     models (``merge`` needs to know a QLoRA adapter, whose base was trained 4-bit)."""
-    if type(model).__name__ == "DistributedDataParallel":
-        model = model.module
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        kind = write_final(model, tokenizer, tmp, model_cfg, adapter_cfg)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved the final %s to %s", kind, out)
+    return out
+
+
+def write_final(model, tokenizer, folder: Path, model_cfg, adapter_cfg=None) -> str:
+    """Write the final model into the existing, unpublished ``folder`` (what :func:`save_final`
+    renames into place; a stage that adds more to it, as PPO its value model, publishes it
+    itself). Returns the kind written, "adapter" or "full"."""
+    if type(model).__name__ == "DistributedDataParallel":
+        model = model.module
+    tmp = Path(folder)
     try:
         source_kind = resolve_source(model_cfg.name_or_path).kind
     except UserError:
@@ -166,9 +181,7 @@ def save_final(model, tokenizer, out_dir, model_cfg, adapter_cfg=None) -> Path:
             base.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    replace_dir(tmp, out)
-    log.info("saved the final %s to %s", meta["kind"], out)
-    return out
+    return meta["kind"]
 
 
 def _load_tokenizer_from(folder: str):

@@ -32,6 +32,7 @@ from torch import nn
 from instructkit import models as M
 from instructkit import rl
 from instructkit import rollout as RO
+from instructkit.atomic import replace_dir
 from instructkit.config import AdapterConfig, PPOConfig, to_dict
 from instructkit.data.prompts import load_prompts
 from instructkit.engine import distributed as dist
@@ -477,21 +478,29 @@ def write_samples(out: Path, logger: MetricsLogger, step: int, batch: RO.Rollout
 
 def save_ppo_final(actors: Actors, tokenizer, cfg: PPOConfig, final: Path) -> Path:
     """final/ = the policy (adapter or model, loadable like an SFT result); final/value/ = the
-    value model (the value adapter + value_head.safetensors, or a sequence-classification model)."""
+    value model (the value adapter + value_head.safetensors, or a sequence-classification model).
+    Both are written into one temporary folder published by one rename: there is never a
+    final/ without its value model."""
     import shutil
 
     from safetensors.torch import save_file
 
-    tmp_value = final.with_name(final.name + ".value.tmp")
-    shutil.rmtree(tmp_value, ignore_errors=True)
-    if actors.shared:
-        actors.policy.save_pretrained(str(tmp_value), selected_adapters=["value"], save_embedding_layers=False)
-        save_file({"weight": actors.value_head.weight.detach().cpu().contiguous()}, tmp_value / "value_head.safetensors")
-        actors.policy.delete_adapter("value")
-        actors.policy.set_adapter("default")
-    else:
-        mean_std = (0.0, 1.0)
-        M.save_reward_model(actors.value_model, tokenizer, tmp_value, cfg.policy, *mean_std)
-    final = Path(M.save_final(actors.policy, tokenizer, final, cfg.policy, cfg.adapter))
-    tmp_value.rename(final / "value")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if actors.shared:  # the value adapter first: the policy's folder must hold only "default"
+            actors.policy.save_pretrained(str(tmp / "value"), selected_adapters=["value"],
+                                          save_embedding_layers=False)
+            save_file({"weight": actors.value_head.weight.detach().cpu().contiguous()},
+                      tmp / "value" / "value_head.safetensors")
+            actors.policy.delete_adapter("value")
+            actors.policy.set_adapter("default")
+        else:
+            M.save_reward_model(actors.value_model, tokenizer, tmp / "value", cfg.policy, 0.0, 1.0)
+        M.write_final(actors.policy, tokenizer, tmp, cfg.policy, cfg.adapter)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
