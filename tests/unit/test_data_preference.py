@@ -446,6 +446,9 @@ def test_data_pref_build_validation_file_and_empty_errors(tmp_path):
     with pytest.raises(DataError, match=r"gave no preference pairs from 2 records .*2 responses "
                                         r"were identical"):
         build_preference_data(DataConfig(train=same), tok)
+    one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Q", "responses": ["only one"]}])
+    with pytest.raises(DataError, match=r"from 1 records .*: 1 record had fewer than 2 responses"):
+        build_preference_data(DataConfig(train=one, format="ranked"), tok)
     empty = write_jsonl(tmp_path / "e.jsonl", [])
     with pytest.raises(DataError, match="holds no records"):
         build_preference_data(DataConfig(train=empty), tok)

@@ -166,3 +166,29 @@ def test_data_shipped_files_read():
     assert len(text) > 100 and text[0]["text"].startswith("First Citizen:")
     for name in ("LICENSE.self-instruct", "LICENSE.oasst", "LICENSE.hh-rlhf", "README.md"):
         assert (data / name).is_file()
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.json", "d.csv", "d.txt"])
+def test_data_not_utf8_names_the_line(tmp_path, name):
+    """A Latin-1 byte on line 3: the error names the file, the line and the byte in it (it
+    gave a byte offset only, into whatever chunk the reader had decoded)."""
+    if name.startswith("d.csv"):
+        body = b'instruction,output\n"Say hi",Hi\n"Caf\xe9",Coffee\n'
+    elif name.startswith("d.txt"):
+        body = b"first paragraph\n\nsecond\ncaf\xe9 au lait\n"
+    elif name == "d.json":
+        body = b'[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"},\n {"instruction": "caf\xe9", "output": "e"}]\n'
+    else:
+        body = b"".join(json.dumps(r).encode() + b"\n" for r in RECS[:2]) + b'{"instruction": "caf\xe9", "output": "x"}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+    with pytest.raises(DataError, match=rf"{name}, line [34]: not UTF-8 text \(invalid continuation byte at byte \d+ of the line\); save the file as UTF-8"):
+        load_records(str(path))
+
+
+def test_corpus_not_utf8_names_the_line(tmp_path):
+    from instructkit.data.corpus import read_documents
+
+    (tmp_path / "a.txt").write_bytes(b"one\ntwo\n\xff\xfe three\n")
+    with pytest.raises(DataError, match=r"a.txt, line 3: not UTF-8"):
+        read_documents([tmp_path / "a.txt"])

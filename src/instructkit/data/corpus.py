@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from instructkit.atomic import sha256_file
+from instructkit.data.readers import utf8_error
 from instructkit.errors import DataError
 
 log = logging.getLogger("instructkit.data")
@@ -99,7 +100,7 @@ def read_documents(paths: Iterable[Path], split: str = "blank_lines") -> list[st
         try:
             text = Path(p).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{p}: not UTF-8 text ({e})") from None
+            raise utf8_error(Path(p), e) from None
         text = text.replace("\r\n", "\n")
         parts = [text] if split == "file" else _BLANK_LINES.split(text)
         docs.extend(d.strip("\n") for d in parts if d.strip())

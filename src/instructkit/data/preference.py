@@ -615,8 +615,11 @@ def _why_empty(part: _Part, source: str, key: str, cfg: DataConfig) -> str:
             f"{s['n_dropped_too_long']} groups had fewer than 2 usable responses after "
             f"truncation to max_seq_len={cfg.max_seq_len}; raise data.max_seq_len"
         )
-    if not reasons and s["n_dropped_groups"] == 0:
-        reasons.append("no prompt has 2 or more ranked responses")
+    if not reasons:  # nothing was dropped for a reason above: the records had too few answers
+        n = s["n_dropped_groups"]
+        reasons.append(f"{n} record{'s' if n != 1 else ''} had fewer than 2 responses (a preference "
+                       "needs a better and a worse answer to the same prompt)" if n else
+                       "no prompt has 2 or more ranked responses")
     return (
         f"{key}={source} gave no preference pairs from {s['n_records']} records "
         f"(format {part.format}; check data.format and data.fields): " + "; ".join(reasons)

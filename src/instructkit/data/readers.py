@@ -67,6 +67,25 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
+def utf8_error(path: Path, e: UnicodeDecodeError) -> DataError:
+    """The error for a file that is not UTF-8, naming the line and the byte in it (a reader's
+    offset is into whatever chunk it decoded, and no editor goes to a byte offset)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return DataError(
+                        f"{path.name}, line {n}: not UTF-8 text ({bad.reason} at byte {bad.start + 1} "
+                        f"of the line); save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 "
+                        f"{path.name} > fixed{path.suffix}`")
+    except (OSError, EOFError):
+        pass
+    return DataError(f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})")
+
+
 def _read_file(path: Path, suffix: str, max_examples: int | None) -> list[dict]:
     base = suffix[: -len(".gz")] if suffix.endswith(".gz") else suffix
     try:
@@ -83,7 +102,7 @@ def _read_file(path: Path, suffix: str, max_examples: int | None) -> list[dict]:
         else:  # pragma: no cover - FILE_SUFFIXES and this switch go together
             raise AssertionError(suffix)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise utf8_error(path, e) from None
     except (OSError, EOFError) as e:  # e.g. a truncated .gz
         if isinstance(e, FileNotFoundError):
             raise DataError(f"data file not found: {path}") from None
