@@ -81,41 +81,61 @@ def cmd_validate(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from instructkit.atomic import write_atomic
     from instructkit.generate import generate_responses
     from instructkit.models import load_for_inference
 
-    if not args.prompt and not args.prompts:
-        raise UserError("give --prompt TEXT or --prompts FILE.jsonl")
+    _check_sampling_args(args)
+    prompts = _read_prompts(args)  # before the model loads: bad input fails fast
     model, tokenizer = load_for_inference(args.model, device=args.device)
-    records = []
-    if args.prompts:
-        from instructkit.data import load_records
-
-        records = load_records(args.prompts)
-        for i, r in enumerate(records, 1):
-            if args.field not in r:
-                raise UserError(
-                    f"{args.prompts}, record {i}: no field {args.field!r} "
-                    f"(fields found: {', '.join(r)}); set --field"
-                )
-    prompts = [args.prompt] if args.prompt else [str(r[args.field]) for r in records]
     responses = generate_responses(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
     )
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w") as f:
-            for p, r in zip(prompts, responses):
-                f.write(json.dumps({"prompt": p, "response": r}) + "\n")
-        tmp.replace(out)
-        print(f"wrote {len(responses)} responses to {out}")
+        write_atomic(args.output, "".join(json.dumps({"prompt": p, "response": r}) + "\n"
+                                          for p, r in zip(prompts, responses)))
+        print(f"wrote {len(responses)} responses to {args.output}")
     else:
         for p, r in zip(prompts, responses):
             print(r if len(prompts) == 1 else json.dumps({"prompt": p, "response": r}))
     return 0
+
+
+def _check_sampling_args(args) -> None:
+    import math
+
+    checks = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+              ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+               "0 (greedy) or above"),
+              ("--top-p", args.top_p, 0 < args.top_p <= 1, "above 0 and at most 1"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"))
+    for flag, value, ok, want in checks:
+        if not ok:
+            raise UserError(f"{flag} {value:g}: must be {want}")
+
+
+def _read_prompts(args) -> list[str]:
+    if bool(args.prompt is not None) == bool(args.prompts):
+        raise UserError("give --prompt TEXT or --prompts FILE.jsonl" if not args.prompts else
+                        "give --prompt or --prompts, not both")
+    if args.prompt is not None:
+        return [args.prompt]
+    from instructkit.data import load_records
+
+    records = load_records(args.prompts)
+    if not records:
+        raise UserError(f"{args.prompts}: holds no prompts (no records); one JSON object per line, "
+                        f'e.g. {{"{args.field}": "Give three tips for staying healthy."}}')
+    prompts = []
+    for i, r in enumerate(records, 1):
+        if args.field not in r:
+            raise UserError(f"{args.prompts}, record {i}: no field {args.field!r} "
+                            f"(fields found: {', '.join(r)}); set --field")
+        if not str(r[args.field]).strip():
+            raise UserError(f"{args.prompts}, record {i}: the {args.field!r} field is empty")
+        prompts.append(str(r[args.field]))
+    return prompts
 
 
 def _output(args, default: str | None = None) -> str:

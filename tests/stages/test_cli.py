@@ -135,3 +135,24 @@ def test_debug_shows_the_traceback_before_or_after_the_subcommand(argv):
 
     with pytest.raises(ConfigError, match="config file not found"):
         main(argv)
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--prompt", "hi", "--max-new-tokens", "-1"], ["--max-new-tokens -1", "at least 1"]),
+    (["--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens 0"]),
+    (["--prompt", "hi", "--temperature", "-0.5"], ["--temperature -0.5"]),
+    (["--prompt", "hi", "--top-p", "0"], ["--top-p 0"]),
+    (["--prompt", "hi", "--top-p", "1.5"], ["--top-p 1.5"]),
+    (["--prompt", "hi", "--batch-size", "0"], ["--batch-size 0"]),
+    (["--prompt", "hi", "--prompts", "p.jsonl"], ["--prompt or --prompts, not both"]),
+    (["--prompts", "EMPTY"], ["empty.jsonl", "holds no prompts"]),
+    (["--prompts", "BLANK"], ["blank.jsonl, record 2", "empty"]),
+])
+def test_generate_bad_arguments_are_one_line(tmp_path, capsys, extra, fragments):
+    """Were a transformers traceback (max_new_tokens -1), exit 0 saying nothing (an empty prompt
+    file), or silently ignored (--prompts beside --prompt)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "  "}\n')
+    extra = [str(tmp_path / "empty.jsonl") if a == "EMPTY" else str(tmp_path / "blank.jsonl") if a == "BLANK"
+             else a for a in extra]
+    expect_error(capsys, ["generate", "tiny-llama", *extra], *fragments)
