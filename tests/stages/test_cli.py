@@ -156,3 +156,19 @@ def test_generate_bad_arguments_are_one_line(tmp_path, capsys, extra, fragments)
     extra = [str(tmp_path / "empty.jsonl") if a == "EMPTY" else str(tmp_path / "blank.jsonl") if a == "BLANK"
              else a for a in extra]
     expect_error(capsys, ["generate", "tiny-llama", *extra], *fragments)
+
+
+@pytest.mark.parametrize("stage, config, override, fragment", [
+    ("sft", "configs/tiny/sft_lora.yaml", "data.max_seq_len=100000", "data.max_seq_len = 100000"),
+    ("rm", "configs/tiny/rm.yaml", "data.max_seq_len=100000", "data.max_seq_len = 100000"),
+    ("dpo", "configs/tiny/dpo.yaml", "data.max_seq_len=100000", "data.max_seq_len = 100000"),
+    ("ppo", "configs/tiny/ppo.yaml", "rollout.max_new_tokens=5000",
+     "rollout.max_prompt_len + rollout.max_new_tokens = 5064"),
+])
+def test_sequences_longer_than_the_model_context_are_refused(tmp_path, capsys, stage, config, override, fragment):
+    """data.max_seq_len=100000 on a model of 2048 positions ran (to 7.5 GB on a tiny model)."""
+    over = ["policy.name_or_path=tiny-llama", "ppo.value_name_or_path=tiny-llama"] if stage == "ppo" else []
+    err = expect_error(capsys, [stage, str(REPO / config), f"output_dir={tmp_path / 'run'}", override,
+                                "log.tensorboard=false", *over],
+                       fragment, "longer than the context of tiny-llama (2048 positions", "set it to 2048 or less")
+    assert not (tmp_path / "run" / "final").exists(), err

@@ -20,6 +20,7 @@ from instructkit.models.heads import (
     score_head,
 )
 from instructkit.models.load import (
+    check_context_length,
     compile_layers,
     disable_dropout,
     freeze_layers,
@@ -46,6 +47,7 @@ __all__ = [
     "Source",
     "apply_adapter",
     "build_tiny_model",
+    "check_context_length",
     "compile_layers",
     "converted_gguf",
     "count_parameters",

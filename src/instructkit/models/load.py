@@ -238,6 +238,27 @@ def compile_layers(model: nn.Module) -> int:
     return len(layers)
 
 
+def context_length(model) -> int | None:
+    """The number of positions the model was built for (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None when its config does not say."""
+    config = getattr(unwrap(model), "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_length(model, length: int, what: str, name: str) -> None:
+    """Refuse sequences longer than the model's context: positions past it were never trained
+    (RoPE extrapolates badly, learned position tables index out of range), and memory grows
+    with the length long before anything fails. ``what``: the setting(s) giving ``length``."""
+    limit = context_length(model)
+    if limit is not None and length > limit:
+        raise UserError(f"{what} = {length} is longer than the context of {name} ({limit} positions, "
+                        f"its max_position_embeddings); set it to {limit} or less")
+
+
 def load_model(
     model_cfg,
     adapter_cfg=None,

@@ -81,6 +81,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
         tokenizer = M.load_tokenizer(cfg.model)
         pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         policy = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+        M.check_context_length(policy, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
         if cfg.dpo.disable_dropout:
             M.disable_dropout(policy)
         ref = Reference(policy, copy=None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path

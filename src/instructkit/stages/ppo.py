@@ -68,12 +68,19 @@ class Actors:
         self.cfg, self.device = cfg, device
         self.shared = cfg.adapter.kind != "none"
         self.policy = M.load_model(cfg.policy, cfg.adapter, tokenizer, device)
+        rollout_len = cfg.rollout.max_prompt_len + cfg.rollout.max_new_tokens
+        what = "rollout.max_prompt_len + rollout.max_new_tokens"
+        M.check_context_length(self.policy, rollout_len, what, cfg.policy.name_or_path)
+        if cfg.ppo.ptx_coef:
+            M.check_context_length(self.policy, cfg.data.max_seq_len, "data.max_seq_len (ppo.ptx_data)",
+                                   cfg.policy.name_or_path)
         # No dropout, in train mode (which gradient checkpointing needs): the first epoch's
         # ratio must be exactly 1, as the clipped objective assumes.
         M.disable_dropout(self.policy)
         self.reward_model = None
         if cfg.reward.name_or_path:
             self.reward_model = load_frozen_reward(cfg, device)
+            M.check_context_length(self.reward_model, rollout_len, what, cfg.reward.name_or_path)
             check_same_vocab(self.reward_model, self.policy, cfg.reward.name_or_path)
         if self.shared:
             # LoRA weights left trainable by loading (policy.freeze_layers freezes the first

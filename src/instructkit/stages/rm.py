@@ -61,6 +61,7 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
         tokenizer = M.load_tokenizer(cfg.model)
         pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
+        M.check_context_length(model, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
         if cfg.rm.disable_dropout:
             M.disable_dropout(model)
     dist.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP

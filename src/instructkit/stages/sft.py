@@ -43,6 +43,7 @@ def run(cfg: SFTConfig, resume: bool = False, allow_new_data: bool = False) -> S
         tokenizer = M.load_tokenizer(cfg.model)
         sft_data = data.build_sft_data(cfg.data, tokenizer, seed=cfg.train.seed)
         model = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
+    M.check_context_length(model, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
     warn_if_unchunked(model, cfg.train.loss_chunk_size)
     D.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
     optimizer = build_optimizer(model, cfg.train, device)
