@@ -220,3 +220,29 @@ def test_generate_during_training_uses_the_kv_cache(tmp_path, tiny_tokenizer):
     finally:
         handle.remove()
     assert seen[0] == 5 and seen[1:] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("adapter, damage", [("none", "truncate"), ("none", "empty"), ("lora", "truncate"),
+                                             ("lora", "garbage")])
+def test_damaged_weights_are_one_line(tmp_path, adapter, damage):
+    """A truncated, empty or overwritten weights file was safetensors' traceback, for training
+    from it (model.name_or_path), generate, eval and merge alike."""
+    from instructkit.export import merge_adapter
+    from instructkit.models import load_for_inference, save_final, tiny_tokenizer
+
+    cfg = ModelConfig(name_or_path="tiny-llama", device="cpu")
+    tok = tiny_tokenizer()
+    model = load_model(cfg, AdapterConfig(kind=adapter, r=4, alpha=8), tok, "cpu")
+    folder = save_final(model, tok, tmp_path / "final", cfg)
+    weights = folder / ("adapter_model.safetensors" if adapter == "lora" else "model.safetensors")
+    blob = weights.read_bytes()
+    weights.write_bytes({"truncate": blob[: len(blob) // 2], "empty": b"", "garbage": b"\x00" * 64}[damage])
+    with pytest.raises(UserError, match=r"final.*: the weights cannot be read .*damaged or incomplete"):
+        load_for_inference(folder)
+    if adapter == "none":
+        with pytest.raises(UserError, match=r"model.name_or_path=.*the weights cannot be read"):
+            load_model(ModelConfig(name_or_path=str(folder), device="cpu"), AdapterConfig(kind="none"), tok, "cpu")
+    else:
+        with pytest.raises(UserError, match=r"the weights cannot be read"):
+            merge_adapter(folder, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from instructkit.errors import DataError, UserError
+from instructkit.models.load import readable_weights
 
 
 def load_reward_for_eval(path: str, device, dtype=None):
@@ -33,7 +34,8 @@ def load_reward_for_eval(path: str, device, dtype=None):
             "*ForSequenceClassification with one label); give the final/ folder of `instructkit "
             "rm` as reward.model"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype or "auto")
+    with readable_weights(str(p)):
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype or "auto")
     tokenizer = AutoTokenizer.from_pretrained(str(p))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # scores are read from the mask, pad is inert

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from instructkit.errors import UserError
+from instructkit.models.load import readable_weights
 
 log = logging.getLogger("instructkit.export")
 
@@ -124,7 +125,8 @@ def _load_model(model_dir) -> tuple[torch.nn.Module, object]:
         cfg = _read_config(p)
         _check_architecture(cfg.get("architectures"), cfg.get("model_type"), str(p))
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(p), dtype="auto")
+            with readable_weights(str(p)):
+                model = AutoModelForCausalLM.from_pretrained(str(p), dtype="auto")
             tokenizer = AutoTokenizer.from_pretrained(str(p))
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{p}: cannot load the model or its tokenizer: {e}") from None

@@ -32,6 +32,7 @@ from torch import nn
 from instructkit.atomic import check_output_folder, replace_dir
 from instructkit.errors import UserError
 from instructkit.models.adapters import unwrap
+from instructkit.models.load import readable_weights
 
 log = logging.getLogger("instructkit.export")
 
@@ -311,7 +312,8 @@ def _load_on_4bit_base(p: Path, base_name: str, meta: dict):
     base = plain
     tokenizer = AutoTokenizer.from_pretrained(str(p))
     resize_vocab(base, max(len(tokenizer), meta.get("vocab_size", 0)))
-    model = PeftModel.from_pretrained(base, str(p))
+    with readable_weights(str(p)):
+        model = PeftModel.from_pretrained(base, str(p))
     model.eval()
     return model, tokenizer
 

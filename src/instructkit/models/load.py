@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 import tempfile
 import time
 
@@ -58,6 +60,20 @@ def configure_sdp(model_cfg) -> None:
         torch.backends.cuda.enable_flash_sdp(False)
 
 
+@contextlib.contextmanager
+def readable_weights(where: str):
+    """Turn a weights file that cannot be parsed (truncated, overwritten, half-copied) into one
+    line naming the folder, instead of safetensors' or torch's traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"{where}: the weights cannot be read ({e}): a file is damaged or incomplete "
+                        "(an interrupted copy or download?); copy it again, or re-run the stage that "
+                        "wrote it") from None
+
+
 def _from_pretrained(folder_or_id: str, source: Source, key: str, **kwargs):
     """``AutoModelForCausalLM.from_pretrained``, or ``AutoModelForSequenceClassification``
     when ``num_labels`` is among the kwargs."""
@@ -72,7 +88,8 @@ def _from_pretrained(folder_or_id: str, source: Source, key: str, **kwargs):
         return hub_load(auto.from_pretrained, source, "model", key, **kwargs)
     kwargs.pop("revision", None)
     try:
-        return auto.from_pretrained(folder_or_id, **kwargs)
+        with readable_weights(f"{key}={source.name!r}"):
+            return auto.from_pretrained(folder_or_id, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{key}={source.name!r}: cannot load a {what} from it: {e}") from None
     except ImportError as e:  # e.g. flash_attention_2 without flash-attn

@@ -26,6 +26,7 @@ from instructkit.errors import UserError
 from instructkit.models.adapters import unwrap
 from instructkit.models.load import (
     load_base_model,
+    readable_weights,
     resize_vocab,
     resolve_device,
     sync_special_tokens,
@@ -229,7 +230,8 @@ def load_for_inference(path, device="cpu", dtype=None):
         base = load_base_model(source, dtype=load_dtype, key=f"the base model of {p}")
         tokenizer = _load_tokenizer_from(str(p))
         resize_vocab(base, max(len(tokenizer), meta.get("vocab_size", 0)))
-        model = PeftModel.from_pretrained(base, str(p))
+        with readable_weights(str(p)):
+            model = PeftModel.from_pretrained(base, str(p))
         return _finish(model, tokenizer, device, dtype)
     if p.is_dir() and (p / "config.json").exists():
         source = Source("local", str(p.resolve()), str(path))
