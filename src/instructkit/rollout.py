@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -518,7 +519,10 @@ def function_scores(fn: Callable, batch: RolloutBatch) -> torch.Tensor:
     once with the batch's texts. Returns [B] fp32 on the batch's device. A wrong length or a
     non-finite / non-numeric value is a UserError naming the function."""
     name = getattr(fn, "__qualname__", None) or repr(fn)
-    out = fn(list(batch.prompts), list(batch.responses))
+    try:
+        out = fn(list(batch.prompts), list(batch.responses))
+    except Exception as e:  # the user's code: say where and on what, not a traceback
+        raise UserError(_reward_failure(fn, name, e, list(batch.prompts), list(batch.responses))) from None
     try:
         values = [float(v) for v in out]
     except (TypeError, ValueError) as e:
@@ -531,6 +535,24 @@ def function_scores(fn: Callable, batch: RolloutBatch) -> torch.Tensor:
     if bad:
         raise UserError(f"reward function {name} returned non-finite scores at {bad[:5]}")
     return torch.tensor(values, dtype=torch.float32, device=batch.prompt_ids.device)
+
+
+def _reward_failure(fn: Callable, name: str, e: Exception, prompts: list[str], responses: list[str]) -> str:
+    """What a raising reward function failed on: the first response that fails alone (the
+    function is called again one response at a time to find it), and where in its code."""
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    what = f"reward function {name} raised {type(e).__name__}: {e} (at {Path(frame.filename).name}:{frame.lineno})"
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        try:
+            fn([p], [r])
+        except Exception:  # noqa: BLE001 - looking for the input it fails on
+            return f"{what} on response {i} of the batch; prompt: {_clip(p)}; response: {_clip(r)}"
+    return f"{what} on the batch of {len(responses)} responses (each alone scores without error)"
+
+
+def _clip(text: str, n: int = 120) -> str:
+    text = " ".join(str(text).split())
+    return repr(text[:n] + ("..." if len(text) > n else ""))
 
 
 def score_responses(reward_fn, batch: RolloutBatch, micro_batch_size: int = 8) -> torch.Tensor:

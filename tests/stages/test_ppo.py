@@ -331,3 +331,30 @@ def test_final_and_its_value_model_appear_in_one_rename(tmp_path, layout, monkey
     assert not (final / "stale.txt").exists() and not list(tmp_path.glob("final.*"))
     value_file = "value_head.safetensors" if layout == "shared" else "config.json"
     assert (final / "value" / value_file).is_file()
+
+
+def test_a_raising_reward_function_names_itself_the_prompt_and_the_checkpoint(tmp_path, capsys):
+    """A reward function that raises was a traceback; now one line with the function, where it
+    raised, the response it fails on, and the checkpoint the run can resume from, untouched."""
+    from instructkit.cli import main
+
+    (tmp_path / "flaky_reward.py").write_text(
+        "calls = [0]\n"
+        "def score(prompts, responses):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] > 2:\n"
+        "        raise ValueError('cannot parse the answer')\n"
+        "    return [0.0] * len(responses)\n")
+    out = tmp_path / "x"
+    code = main(["ppo", str(REPO / "configs/tiny/ppo.yaml"), f"output_dir={out}", *TINY_LORA,
+                 f"reward.function={tmp_path / 'flaky_reward.py'}:score", "train.save_every=2", "train.max_steps=4",
+                 "rollout.prompts_per_step=4", "rollout.micro_batch_size=4", "rollout.max_new_tokens=4",
+                 "ppo.mini_batch_size=4", "log.tensorboard=false", "log.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "step 3: reward function score raised ValueError: cannot parse the answer (at flaky_reward.py:5)" in err
+    assert "on response 0 of the batch; prompt: '" in err
+    ckpt = out / "checkpoints" / "step-000002"
+    assert f"the last checkpoint, {ckpt}, is intact" in err and "--resume" in err
+    from instructkit.engine.checkpoint import verify_checkpoint
+    assert verify_checkpoint(ckpt) is None

@@ -243,6 +243,15 @@ def save(output_dir: Path, step: int, model, optimizer, loop: dict, stream: Batc
                              get_rng_state(), keep_last, extra_tensors, identity)
 
 
+def resume_hint(output_dir: Path) -> str:
+    """What a user can do after a run stopped on an error: checkpoints are written whole or not
+    at all, so the newest one is as good as when it was saved."""
+    last = C.latest_checkpoint(Path(output_dir) / "checkpoints")
+    if last is None:
+        return "no checkpoint had been written yet (train.save_every), so nothing is lost but the run"
+    return f"the last checkpoint, {last}, is intact: fix the cause and add --resume to go on from it"
+
+
 def due(step: int, every: int, total: int | None = None) -> bool:
     """True every ``every`` steps (0: never), and at the last step when ``total`` is given."""
     return bool(every and step % every == 0) or (total is not None and step == total)

@@ -325,8 +325,11 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, replace(t, lr=group["base_lr"], min_lr=t.min_lr * group["base_lr"] / t.lr))
         batch_prompts = [prompts[i] for i in dist.rank_slice(stream.next())]  # this rank's share
-        exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
-                                                   reward_stats, reward_fn, stop_ids)
+        try:
+            exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
+                                                       reward_stats, reward_fn, stop_ids)
+        except UserError as e:  # e.g. the reward function failed: say where the run can go on from
+            raise type(e)(f"step {step + 1}: {e}; {R.resume_hint(out)}") from None
         if cfg.ppo.offload_frozen:
             actors.frozen_to("cpu")
         t0 = time.perf_counter()
