@@ -3,6 +3,8 @@ checking later that a file is still what was written."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -65,3 +67,26 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(f"output={out}: already holds a model ({len(entries)} files); pass "
                         "--overwrite to replace the whole folder, or choose another output")
+
+
+@contextlib.contextmanager
+def explain_disk_full(folder: Path, what: str, then: str):
+    """A full disk (or quota) while writing ``what`` into ``folder`` becomes one line with the
+    folder, the space left there and ``then`` (what survived and how to go on)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"no space left on the disk of {folder} while writing {what} "
+                        f"({_free_space(Path(folder))} free there); {then}") from None
+
+
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.0f} MiB"

@@ -247,3 +247,42 @@ def test_exploded_weights_stop_the_run_and_the_good_checkpoints_stay(tmp_path, m
     for name in ckpts:
         weights = load_file(Path(cfg.output_dir) / "checkpoints" / name / "weights.safetensors")
         assert max(float(w.abs().max()) for w in weights.values()) < 100
+
+
+@pytest.mark.parametrize("when", ["checkpoint", "final"])
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path, monkeypatch, when):
+    """ENOSPC while saving was a traceback: now it names the folder, the space left there and
+    the checkpoint that is intact; the half-written checkpoint is removed (it only takes space)."""
+    import errno
+
+    from instructkit.engine import checkpoint as C
+    from instructkit.errors import UserError
+    from instructkit.models import save as S
+
+    real_save_file, real_write_final = C.save_file, S.write_final
+
+    def full_at_step_4(tensors, path, *a, **k):
+        if "step-000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(tensors, path, *a, **k)
+
+    def full_final(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if when == "checkpoint":
+        monkeypatch.setattr(C, "save_file", full_at_step_4)
+    else:
+        monkeypatch.setattr(S, "write_final", full_final)
+    cfg = config(tmp_path, "train.save_every=2", "train.max_steps=4")
+    with pytest.raises(UserError) as e:
+        sft.run(cfg)
+    msg = str(e.value)
+    ckpts = tmp_path / "run" / "checkpoints"
+    what = "the checkpoint of step 4" if when == "checkpoint" else "the final model"
+    where = ckpts if when == "checkpoint" else tmp_path / "run" / "final"
+    assert f"no space left on the disk of {where} while writing {what} (" in msg and " free there)" in msg, msg
+    last = ckpts / ("step-000002" if when == "checkpoint" else "step-000004")
+    assert f"the last checkpoint, {last}, is intact" in msg and "--resume" in msg
+    assert C.verify_checkpoint(last) is None
+    assert not list(ckpts.glob("*.tmp")) and not (tmp_path / "run" / "final").exists()
+    assert not list((tmp_path / "run").glob("final.tmp"))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from instructkit.atomic import sha256_file
+from instructkit.atomic import replace_dir, sha256_file
 from instructkit.errors import UserError
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -138,21 +138,23 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {n: t.cpu().contiguous() for n, t in trainable_state(model).items()}
-    if extra_tensors:
-        weights.update({f"extra.{k}": v.cpu().contiguous() for k, v in extra_tensors.items()})
-    save_file(weights, tmp / "weights.safetensors")
-    opt_t, opt_meta = optimizer_tensors(optimizer)
-    save_file(opt_t, tmp / "optimizer.safetensors")
-    save_file({k: v.contiguous() for k, v in rng["tensors"].items()}, tmp / "rng.safetensors")
-    for p in tmp.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    _write_state(tmp, {"step": step, "loop": loop_state, "optimizer": opt_meta, "rng": rng["meta"],
-                       "identity": identity})
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        weights = {n: t.cpu().contiguous() for n, t in trainable_state(model).items()}
+        if extra_tensors:
+            weights.update({f"extra.{k}": v.cpu().contiguous() for k, v in extra_tensors.items()})
+        save_file(weights, tmp / "weights.safetensors")
+        opt_t, opt_meta = optimizer_tensors(optimizer)
+        save_file(opt_t, tmp / "optimizer.safetensors")
+        save_file({k: v.contiguous() for k, v in rng["tensors"].items()}, tmp / "rng.safetensors")
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _write_state(tmp, {"step": step, "loop": loop_state, "optimizer": opt_meta, "rng": rng["meta"],
+                           "identity": identity})
+        replace_dir(tmp, final)  # re-saving a step (after a resume) replaces it whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written one only takes space (a full disk's)
+        raise
     _fsync_dir(ckpt_root)
     prune(ckpt_root, keep_last)
     return final

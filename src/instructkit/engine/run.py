@@ -11,8 +11,9 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
-from instructkit.atomic import sha256_file
+from instructkit.atomic import explain_disk_full, sha256_file
 from instructkit.engine import checkpoint as C
 from instructkit.engine import distributed as D
 from instructkit.engine.batches import BatchStream
@@ -234,13 +235,22 @@ def save(output_dir: Path, step: int, model, optimizer, loop: dict, stream: Batc
          guard: StepGuard, keep_last: int, extra_tensors: dict | None = None,
          identity: dict | None = None) -> Path:
     state = {**loop, "stream": stream.state_dict(), "skipped_steps": guard.total}
-    if D.sharded(model):
-        if extra_tensors:
-            raise UserError("this stage keeps extra tensors in its checkpoints, which sharded runs do not support yet")
-        return C.save_sharded_checkpoint(Path(output_dir) / "checkpoints", step, model, optimizer, state,
-                                         get_rng_state(), keep_last, identity)
-    return C.save_checkpoint(Path(output_dir) / "checkpoints", step, model, optimizer, state,
-                             get_rng_state(), keep_last, extra_tensors, identity)
+    root = Path(output_dir) / "checkpoints"
+    with explain_disk_full(root, f"the checkpoint of step {step}", resume_hint(output_dir)):
+        if D.sharded(model):
+            if extra_tensors:
+                raise UserError("this stage keeps extra tensors in its checkpoints, which sharded runs do not support yet")
+            return C.save_sharded_checkpoint(root, step, model, optimizer, state, get_rng_state(), keep_last, identity)
+        return C.save_checkpoint(root, step, model, optimizer, state, get_rng_state(), keep_last, extra_tensors,
+                                 identity)
+
+
+def publish_final(output_dir: Path, model, save: Callable[[object], object]) -> Path:
+    """``save(full_model)`` on rank 0 (the weights gathered from the shards under torchrun), the
+    stage's own writer of ``output_dir/final``; a full disk is one line saying what is intact."""
+    final = Path(output_dir) / "final"
+    with explain_disk_full(final, "the final model", resume_hint(output_dir)):
+        return D.save_on_main(model, save, final)
 
 
 def resume_hint(output_dir: Path) -> str:

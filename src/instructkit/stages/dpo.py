@@ -163,8 +163,8 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
     )
     result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
-    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
-        policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
+    final = R.publish_final(out, policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model,
+                                                                    cfg.adapter))
     R.release_output_dir(out)
     return DPOResult(out, Path(final), result.steps, result.loss, result.eval_metrics, policy, tokenizer)
 

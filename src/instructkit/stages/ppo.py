@@ -354,8 +354,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
         if R.due(step, t.save_every):
             R.save(out, step, actors.trainable, optimizer, loop, stream, guard, t.keep_last, identity=identity)
     bar.close()
-    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
-        actors.trainable, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"), out / "final")
+    final = R.publish_final(out, actors.trainable, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"))
     logger.log(step, {"event": "end"})
     logger.close()
     R.release_output_dir(out)

@@ -162,9 +162,8 @@ def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False)
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
     shape = cfg.model.shape or "custom"
-    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
-        model, lambda full: M.save_final(full, tokenizer, out / "final", ModelConfig(name_or_path=f"scratch:{shape}")),
-        out / "final")
+    final = R.publish_final(out, model, lambda full: M.save_final(full, tokenizer, out / "final",
+                                                                   ModelConfig(name_or_path=f"scratch:{shape}")))
     R.release_output_dir(out)
     return PretrainResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                           result.stopped_early, model, tokenizer, corpus)

@@ -121,8 +121,8 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
     mean, std = reward_statistics(model, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
-    final = dist.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
-        model, lambda full: M.save_reward_model(full, tokenizer, out / "final", cfg.model, mean, std), out / "final")
+    final = R.publish_final(out, model, lambda full: M.save_reward_model(full, tokenizer, out / "final", cfg.model,
+                                                                          mean, std))
     R.release_output_dir(out)
     return RMResult(out, Path(final), result.steps, result.loss, result.eval_metrics, mean, std, model, tokenizer)
 

@@ -86,8 +86,7 @@ def run(cfg: SFTConfig, resume: bool = False, allow_new_data: bool = False) -> S
     )
     result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
-    final = D.save_on_main(  # rank 0, with the weights gathered from the shards under torchrun
-        model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter), out / "final")
+    final = R.publish_final(out, model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter))
     R.release_output_dir(out)
     return SFTResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                      result.stopped_early, model, tokenizer)
