@@ -536,6 +536,9 @@ def load_config(
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(data, key, value)
+        parts = key.split(".")
+        for n in range(1, len(parts)):  # a section the override creates is the override's too
+            lines.setdefault(".".join(parts[:n]), 0)
         lines[key] = 0  # 0: came from the command line
     given = dict(data)  # what the user set, before a preset fills in more
     preset = data.get("preset")

@@ -38,6 +38,15 @@ def test_unknown_override_names_the_override():
         load_config(SFTConfig, None, ["data.train=x", "train.max_stepz=3"])
 
 
+def test_a_misspelt_section_in_an_override_is_blamed_on_the_override(tmp_path):
+    """`trian.lr=1` was reported as "c.yaml, key trian": the file has no such key."""
+    p = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"^command line override trian: unknown key 'trian'. Did you mean 'train'"):
+        load_config(SFTConfig, p, ["trian.lr=1"])
+    with pytest.raises(ConfigError, match=r"^command line override model.nested: unknown key 'nested'"):
+        load_config(SFTConfig, p, ["model.nested.deeper=1"])
+
+
 def test_wrong_type_and_bad_choice(tmp_path):
     p = write(tmp_path, BASE + "  micro_batch_size: four\n")
     with pytest.raises(ConfigError, match=r"line 5.*expected an integer, got 'four'"):
