@@ -350,7 +350,7 @@ TORCHRUN_COMMANDS = ("sft", "rm", "dpo", "ppo", "pretrain")
 def check_launch(command: str) -> None:
     """Only the training stages run on several processes; anything else started by torchrun
     would run once per rank and write the same files at the same time."""
-    from instructkit.engine.distributed import env_world_size
+    from instructkit.config import env_world_size
 
     if env_world_size() > 1 and command not in TORCHRUN_COMMANDS:
         what = ("run its training stages one by one under torchrun, with output_dir and model paths "

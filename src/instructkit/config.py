@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from instructkit.errors import ConfigError, UserError
+from instructkit.errors import ConfigError
 from instructkit.redact import redact
+from instructkit.shapes import llama_shape
 
 Precision = Literal["fp32", "bf16", "bf16-mixed"]
 AttnImpl = Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]
@@ -147,13 +149,64 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
 
 
-def check_distributed(d: DistributedConfig) -> None:
-    from instructkit.engine.distributed import resolve_plan
+@dataclass(frozen=True)
+class Plan:
+    """What ``wrap`` does: ``strategy`` fsdp or ddp; FSDP's resharding and offload."""
 
-    try:
-        resolve_plan(d)
-    except UserError as e:
-        raise ConfigError(str(e)) from None
+    strategy: str
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+
+ZERO_STAGE_HELP = (
+    "DeepSpeed ZeRO stages map onto PyTorch as: 0 = DDP (replicas, gradients all-reduced); "
+    "2 = FSDP2 keeping parameters gathered between forward and backward "
+    "(reshard_after_forward=false: gradients and optimizer state sharded); "
+    "3 = FSDP2 fully sharded (parameters too). ZeRO-1 (optimizer state only) has no FSDP2 "
+    "counterpart; use zero_stage=2, which shards the gradients as well and needs no more memory"
+)
+
+
+def resolve_plan(dcfg) -> Plan:
+    """``distributed`` config section -> Plan; contradictions are ConfigErrors."""
+    strategy, zs = dcfg.strategy, dcfg.zero_stage
+    reshard = dcfg.reshard_after_forward
+    if zs is not None:
+        if zs not in (0, 2, 3):
+            raise ConfigError(f"distributed.zero_stage={zs}: {ZERO_STAGE_HELP}")
+        implied = "ddp" if zs == 0 else "fsdp"
+        if strategy not in ("auto", implied):
+            raise ConfigError(
+                f"distributed.zero_stage={zs} means strategy={implied}, but distributed.strategy="
+                f"{strategy}: drop one of the two. {ZERO_STAGE_HELP}"
+            )
+        strategy = implied
+        if zs == 2:
+            reshard = False
+    if strategy == "auto":
+        strategy = "fsdp"
+    if strategy == "ddp" and dcfg.cpu_offload:
+        raise ConfigError("distributed.cpu_offload needs strategy=fsdp (DDP keeps whole replicas on each GPU)")
+    return Plan(strategy=strategy, reshard_after_forward=reshard, cpu_offload=dcfg.cpu_offload)
+
+
+def check_distributed(d: DistributedConfig) -> None:
+    resolve_plan(d)
+
+
+def env_world_size() -> int:
+    """The world size torchrun announced (before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+NUM_PADDING_AT_BEGINNING_MESSAGE = (
+    "num_padding_at_beginning is not needed and not accepted: DeepSpeed-Chat's reward model "
+    "found the end of each sequence by searching for pad token ids and skipped that many pad "
+    "tokens at the start (1 for OPT, whose tokenizer starts every sequence with a token equal "
+    "to its pad id). instructkit reads the score at the last real token taken from the "
+    "attention mask, which is right for right padding, left padding, leading pad-like tokens "
+    "and pad == eos alike, so there is nothing to offset. Remove the setting."
+)
 
 
 # --------------------------------------------------------------------------- settings a stage does not read
@@ -267,8 +320,6 @@ class RMConfig(SFTConfig):
     def check(self, world_size: int = 1) -> None:
         super().check(world_size)
         if self.rm.num_padding_at_beginning not in (None, 0):
-            from instructkit.models.heads import NUM_PADDING_AT_BEGINNING_MESSAGE
-
             raise ConfigError(
                 f"rm.num_padding_at_beginning={self.rm.num_padding_at_beginning}: "
                 + NUM_PADDING_AT_BEGINNING_MESSAGE
@@ -331,6 +382,10 @@ class RewardSource:
     normalize: Literal["stored", "running", "none"] = "stored"  # stored: the RM's train mean/std
     clip: float | None = 5.0  # after normalisation
     no_eos_penalty: float = 0.0  # added to the score of a response that never reached EOS (<= 0)
+
+    def normalization(self) -> str:
+        """``normalize`` as it applies: a function has no stored statistics, so "stored" is "none"."""
+        return "none" if self.function and self.normalize == "stored" else self.normalize
 
 
 @dataclass
@@ -415,8 +470,6 @@ class PPOConfig:
                 raise ConfigError(f"{key}={value} must be > 0")
         if self.reward.no_eos_penalty > 0:
             raise ConfigError("reward.no_eos_penalty must be <= 0 (it is added to the score)")
-        if self.reward.function and self.reward.normalize == "stored":
-            self.reward.normalize = "none"  # a function has no stored statistics
         if self.ppo.mini_batch_size > self.rollout.prompts_per_step:
             raise ConfigError(
                 f"ppo.mini_batch_size={self.ppo.mini_batch_size} is larger than "
@@ -484,7 +537,6 @@ def check_train(t: TrainConfig, world_size: int = 1) -> None:
                 f"(micro_batch_size {t.micro_batch_size} x world size {world_size}), "
                 f"but grad_accum={t.grad_accum}: drop one of the two"
             )
-        t.grad_accum = derived
     if t.warmup_fraction is not None:
         if t.warmup_steps:
             raise ConfigError("set train.warmup_steps or train.warmup_fraction, not both")
@@ -506,8 +558,16 @@ def check_train(t: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("train.betas must be a list of two floats, e.g. [0.9, 0.999]")
 
 
+def accumulation(t: TrainConfig, world_size: int = 1) -> int:
+    """Micro-batches per rank per optimizer step: ``train.grad_accum``, or what
+    ``train.global_batch_size`` implies for ``world_size`` ranks (checked by check_train)."""
+    if t.global_batch_size is not None:
+        return t.global_batch_size // (t.micro_batch_size * world_size)
+    return t.grad_accum
+
+
 def effective_batch_size(t: TrainConfig, world_size: int = 1) -> int:
-    return t.micro_batch_size * t.grad_accum * world_size
+    return t.micro_batch_size * accumulation(t, world_size) * world_size
 
 
 # --------------------------------------------------------------------------- loading
@@ -520,8 +580,6 @@ def load_config(
 
     ``world_size``: for ``train.global_batch_size``; default: what torchrun announced."""
     if world_size is None:
-        from instructkit.engine.distributed import env_world_size
-
         world_size = env_world_size()
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
@@ -880,40 +938,7 @@ class PretrainConfig:
             )
         if not 0.0 <= d.val_fraction < 1.0:
             raise ConfigError("data.val_fraction must be in [0, 1)")
-        if m.shape is None:
-            missing = [k for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads")
-                       if getattr(m, k) is None]
-            if missing:
-                raise ConfigError(
-                    "model.shape is not set, so give the shape explicitly: missing "
-                    + ", ".join(f"model.{k}" for k in missing)
-                )
-        else:
-            from instructkit.models.tiny import TINY_PRESETS
-
-            if m.shape.strip().lower() not in TINY_PRESETS:
-                raise ConfigError(
-                    f"model.shape={m.shape!r} is not a known shape; choose one of "
-                    f"{', '.join(TINY_PRESETS)} or set model.shape=null and give hidden_size, "
-                    "intermediate_size, num_layers, num_heads"
-                )
-        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            v = getattr(m, k)
-            if v is not None and v <= 0:
-                raise ConfigError(f"model.{k} must be > 0")
-        preset = {}
-        if m.shape is not None:
-            from instructkit.models.tiny import TINY_PRESETS
-
-            preset = TINY_PRESETS[m.shape.strip().lower()]
-        hidden = m.hidden_size if m.hidden_size is not None else preset.get("hidden_size")
-        heads = m.num_heads if m.num_heads is not None else preset.get("num_attention_heads")
-        kv = m.num_kv_heads if m.num_kv_heads is not None else (
-            preset.get("num_key_value_heads") if m.num_heads is None else None)
-        if hidden is not None and heads is not None and hidden % heads:
-            raise ConfigError(f"model.hidden_size={hidden} is not a multiple of model.num_heads={heads}")
-        if heads is not None and kv is not None and heads % kv:
-            raise ConfigError(f"model.num_heads={heads} is not a multiple of model.num_kv_heads={kv}")
+        llama_shape(m)  # the preset or explicit sizes: known, complete, consistent
         if tok.train and tok.name_or_path:
             raise ConfigError("set tokenizer.train=true or tokenizer.name_or_path, not both")
         if tok.train and tok.vocab_size < 300:

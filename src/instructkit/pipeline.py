@@ -50,15 +50,11 @@ class PipelineConfig:
     merge_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def check(self, world_size: int = 1) -> None:
-        unknown = [s for s in self.stages if s not in ORDER]
-        if unknown:
-            raise ConfigError(f"stages: unknown {unknown}; choose from {ORDER}")
-        self.stages = sorted(dict.fromkeys(self.stages), key=ORDER.index)
+        """Cross-field checks of a chained config (:func:`chain`); changes nothing."""
         if "ppo" in self.stages and "rm" not in self.stages and not (
             self.ppo.reward.name_or_path or self.ppo.reward.function
         ):
             raise ConfigError("stages has ppo without rm: set ppo.reward.name_or_path or ppo.reward.function")
-        chain(self)
         for name in self.stages:
             section = getattr(self, name, None)
             if hasattr(section, "check"):
@@ -105,8 +101,13 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
     for name in ("pretrain", "eval"):
         if name in cfg.stages and getattr(cfg, name) is None:
             raise ConfigError(f"stages lists {name} but the config has no {name} section")
+    unknown = [s for s in cfg.stages if s not in ORDER]
+    if unknown:
+        raise ConfigError(f"stages: unknown {unknown}; choose from {ORDER}")
+    cfg.stages = sorted(dict.fromkeys(cfg.stages), key=ORDER.index)  # pipeline order, once each
+    chain(cfg)  # derived: each stage's output_dir and the results it starts from
     cfg.check()
-    from instructkit.engine.distributed import env_world_size
+    from instructkit.config import env_world_size
 
     for name in cfg.stages:  # a key set in a listed stage's section is read by that stage
         if name in given:

@@ -190,7 +190,7 @@ def test_ppo_honours_the_optimizer_setting(tmp_path, monkeypatch):
 
     seen = []
     real = optim.optimizer_of
-    monkeypatch.setattr(ppo, "optimizer_of", lambda groups, t, device: seen.append(t.optimizer) or real(groups, t, device))
+    monkeypatch.setattr(optim, "optimizer_of", lambda groups, t, device: seen.append(t.optimizer) or real(groups, t, device))
     monkeypatch.chdir(REPO)
     cfg = load_config(PPOConfig, REPO / "configs/tiny/ppo.yaml", [f"output_dir={tmp_path}", *QUIET, *LORA,
                                                                   "train.optimizer=adamw_8bit", "train.max_steps=1"])

@@ -188,15 +188,15 @@ def test_nonfinite_steps_are_skipped_then_stop_with_diagnosis(tmp_path, monkeypa
     from instructkit.engine import fit as F
     from instructkit.errors import TrainingDiverged
 
-    real = sft.lm_backward
+    real = F.accumulate
     calls = {"n": 0}
 
-    def poisoned(model, micro_batches, *args):
+    def poisoned(model, stage, specs):
         calls["n"] += 1
-        loss = real(model, micro_batches, *args)
-        return float("nan") if calls["n"] >= 3 else loss
+        loss, parts = real(model, stage, specs)
+        return (float("nan") if calls["n"] >= 3 else loss), parts
 
-    monkeypatch.setattr(sft, "lm_backward", poisoned)
+    monkeypatch.setattr(F, "accumulate", poisoned)
     cfg = config(tmp_path, "adapter.kind=none", "train.max_steps=10", "train.max_nonfinite_steps=3")
     with pytest.raises(TrainingDiverged, match="(?s)3 steps in a row.*learning rate"):
         sft.run(cfg)

@@ -63,10 +63,13 @@ def test_exactly_one_of_epochs_and_max_steps(tmp_path):
 
 
 def test_global_batch_derives_accumulation(tmp_path):
+    """A derived value, not a rewritten field: the config stays what the user wrote."""
+    from instructkit.config import accumulation, effective_batch_size
+
     cfg = load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=2", "train.global_batch_size=8"])
-    assert cfg.train.grad_accum == 4
+    assert cfg.train.grad_accum == 1 and accumulation(cfg.train, 1) == 4 and effective_batch_size(cfg.train, 1) == 8
     cfg = load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=2", "train.global_batch_size=8"], world_size=2)
-    assert cfg.train.grad_accum == 2
+    assert accumulation(cfg.train, 2) == 2 and effective_batch_size(cfg.train, 2) == 8
     with pytest.raises(ConfigError, match="not a multiple"):
         load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=3", "train.global_batch_size=8"])
     with pytest.raises(ConfigError, match="needs grad_accum=4"):
@@ -140,3 +143,25 @@ def test_ppo_sizes_must_be_positive(key):
 
     with pytest.raises(ConfigError, match=re.escape(f"{key}=0 must be > 0")):
         load_config(PPOConfig, None, ["data.train=x.jsonl", "reward.function=m:f", "train.max_steps=1", f"{key}=0"])
+
+
+def test_config_is_a_leaf_and_check_changes_nothing(tmp_path):
+    """config imports nothing above it (it imported models and the distributed engine: the one
+    import cycle), and check() validates without rewriting what it checks."""
+    import copy
+    import subprocess
+    import sys
+
+    from instructkit.config import PPOConfig
+
+    code = "import sys, instructkit.config; print(sorted(m for m in sys.modules if m.startswith('instructkit')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(loaded) == ["instructkit", "instructkit.config", "instructkit.errors", "instructkit.redact",
+                            "instructkit.shapes"]
+    for cfg in (load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=2", "train.global_batch_size=8"]),
+                load_config(PPOConfig, None, ["reward.function=instructkit.rewards:says_the", "data.train=x",
+                                              "train.max_steps=2"])):
+        before = copy.deepcopy(cfg)
+        cfg.check(1)
+        assert cfg == before
+    assert cfg.reward.normalize == "stored" and cfg.reward.normalization() == "none"  # a function: no statistics

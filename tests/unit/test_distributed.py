@@ -6,31 +6,31 @@ import pytest
 import torch
 
 from instructkit import rl
-from instructkit.config import DistributedConfig, PPOConfig, SFTConfig, load_config
+from instructkit.config import DistributedConfig, Plan, PPOConfig, SFTConfig, accumulation, load_config, resolve_plan
 from instructkit.engine import distributed as D
 from instructkit.errors import ConfigError, UserError
 
 
 @pytest.mark.parametrize("stage,strategy,reshard", [(0, "ddp", True), (2, "fsdp", False), (3, "fsdp", True)])
 def test_zero_stages_map_onto_ddp_and_fsdp(stage, strategy, reshard):
-    plan = D.resolve_plan(DistributedConfig(zero_stage=stage))
+    plan = resolve_plan(DistributedConfig(zero_stage=stage))
     assert (plan.strategy, plan.reshard_after_forward) == (strategy, reshard)
 
 
 def test_default_is_fully_sharded_fsdp():
-    assert D.resolve_plan(DistributedConfig()) == D.Plan("fsdp", True, False)
+    assert resolve_plan(DistributedConfig()) == Plan("fsdp", True, False)
 
 
 def test_zero_stage_1_is_rejected_with_the_reason():
     with pytest.raises(UserError, match="ZeRO-1.*zero_stage=2"):
-        D.resolve_plan(DistributedConfig(zero_stage=1))
+        resolve_plan(DistributedConfig(zero_stage=1))
 
 
 def test_contradictions_are_rejected():
     with pytest.raises(UserError, match="zero_stage=3 means strategy=fsdp"):
-        D.resolve_plan(DistributedConfig(zero_stage=3, strategy="ddp"))
+        resolve_plan(DistributedConfig(zero_stage=3, strategy="ddp"))
     with pytest.raises(UserError, match="cpu_offload needs strategy=fsdp"):
-        D.resolve_plan(DistributedConfig(strategy="ddp", cpu_offload=True))
+        resolve_plan(DistributedConfig(strategy="ddp", cpu_offload=True))
 
 
 def test_config_files_check_the_section(tmp_path):
@@ -53,7 +53,10 @@ def test_global_batch_size_counts_the_ranks_torchrun_announced(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(SFTConfig, None, ["data.train=x.jsonl", "train.max_steps=1", "train.micro_batch_size=2",
                                         "train.global_batch_size=8"])
-    assert cfg.train.grad_accum == 2  # 2 per micro-batch x 2 ranks x 2 accumulation
+    assert accumulation(cfg.train, 2) == 2  # 2 per micro-batch x 2 ranks x 2 accumulation
+    with pytest.raises(ConfigError, match="micro_batch_size x world_size = 4 x 2"):  # fine in one process
+        load_config(SFTConfig, None, ["data.train=x.jsonl", "train.max_steps=1", "train.micro_batch_size=4",
+                                      "train.global_batch_size=4"])
 
 
 def test_one_process_helpers_are_the_identity():

@@ -127,3 +127,61 @@ def test_a_zero_loss_with_zero_gradient_is_not_a_collapse():
     for step in range(20):
         (model(torch.ones(1, 2)) * 0).sum().backward()
         optimizer_step(model, opt, 1.0, guard, 0.0, step=step)
+
+
+def _sum_stage(model):
+    """A stage whose micro-batch is (inputs [n, 3], targets [n]) and whose loss is the summed
+    squared error: fit must turn any split of a step into the mean over the whole step."""
+    from instructkit.engine.fit import Stage
+
+    def loss(batch):
+        x, y = batch
+        err = (model(x).squeeze(-1) - y) ** 2  # [n]
+        return err.sum(), float(err.detach().sum())
+
+    return Stage(name="t", plan=lambda epoch: [], collate=lambda spec: spec, count=lambda b: len(b[1]),
+                 loss=loss, evaluate=dict, tokens=lambda specs: 0)
+
+
+def test_accumulate_gives_the_gradients_of_one_big_batch():
+    """Micro-batches of 1, 2 and 5 items (uneven on purpose): the gradient is that of the mean
+    over all 8 items, not the mean of three micro-batch means; the loss returned is that mean."""
+    from instructkit.engine.fit import accumulate
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8)
+    model = torch.nn.Linear(3, 1)
+    loss, parts = accumulate(model, _sum_stage(model), [(x[:1], y[:1]), (x[1:3], y[1:3]), (x[3:], y[3:])])
+    split = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    whole = ((model(x).squeeze(-1) - y) ** 2).mean()
+    whole.backward()
+    for got, want in zip(split, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert loss == pytest.approx(float(whole), rel=1e-6)
+    assert sum(parts) == pytest.approx(8 * float(whole), rel=1e-6)  # each micro-batch's part, in order
+    # by hand: one item of squared error e has gradient 2 * e * x / 8 for the weight
+    model.zero_grad()
+    loss, _ = accumulate(model, _sum_stage(model), [(x[:1], y[:1])])
+    e = float(model(x[:1]).squeeze() - y[0])
+    torch.testing.assert_close(model.weight.grad[0], 2 * e * x[0], rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_multiplies_each_group_base_rate():
+    """One schedule for every stage: a factor of each group's own base rate (PPO's value group
+    at ppo.value_lr follows the policy's warmup and cosine, ending at the same min_lr ratio)."""
+    from instructkit.engine.optim import lr_multiplier, set_lr
+
+    t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, schedule="cosine", weight_decay=0.1)
+    # by hand: warmup 1/2, 2/2; then cosine from 1 to 0.1 over 8 steps: midpoint 0.55; end 0.1
+    assert [lr_multiplier(s, 10, t) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_multiplier(6, 10, t) == pytest.approx(0.55)
+    assert lr_multiplier(10, 10, t) == pytest.approx(0.1)
+    policy, value = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    opt = build_optimizer({"policy": (policy.named_parameters(), 1e-3), "value": (value.named_parameters(), 5e-3)},
+                          t, torch.device("cpu"))
+    names = [(g["name"], g["base_lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups]
+    assert names == [("policy", 1e-3, 0.1, 1), ("policy.no_decay", 1e-3, 0.0, 1),
+                     ("value", 5e-3, 0.1, 1), ("value.no_decay", 5e-3, 0.0, 1)]  # biases: no decay
+    set_lr(opt, lr_multiplier(6, 10, t))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5.5e-4, 5.5e-4, 2.75e-3, 2.75e-3])

@@ -216,12 +216,9 @@ def test_concurrency(tmp_path):
     rubric = J.load_prompt_template(None, "rubric")
     rows = [{"prompt": f"p{i}", "response": "answer-4"} for i in range(8)]
     with FakeJudge(canned, delay=0.3) as srv:
-        t0 = time.perf_counter()
         res = J.judge_responses(backend(srv.url, concurrency=4), rows, tmp_path / "j.jsonl", rubric,
                                 progress=False)
-        elapsed = time.perf_counter() - t0
-    assert res["n_scored"] == 8 and srv.max_in_flight > 1
-    assert elapsed < 8 * 0.3
+    assert res["n_scored"] == 8 and 1 < srv.max_in_flight <= 4  # in parallel, never above judge.concurrency
 
 
 def test_retries_server_errors_then_succeeds(tmp_path):

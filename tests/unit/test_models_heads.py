@@ -8,7 +8,6 @@ from transformers import AutoModelForSequenceClassification, LlamaForSequenceCla
 
 from instructkit.config import AdapterConfig
 from instructkit.models import (
-    NUM_PADDING_AT_BEGINNING_MESSAGE,
     build_tiny_model,
     count_parameters,
     load_reward_model,
@@ -250,6 +249,8 @@ def test_load_reward_stats_needs_the_statistics(tmp_path):
 
 
 def test_num_padding_at_beginning_message_explains():
+    from instructkit.config import NUM_PADDING_AT_BEGINNING_MESSAGE
+
     msg = NUM_PADDING_AT_BEGINNING_MESSAGE
     assert "num_padding_at_beginning" in msg and "attention mask" in msg
     assert "pad == eos" in msg

@@ -67,7 +67,17 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) 
     for key, v in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # this run's base rates win over the saved ones (the schedule scales them each step), as
+    # train.lr did before groups kept a base_lr; older checkpoints have none
+    base = [{k: g[k] for k in ("base_lr", "name") if k in g} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except ValueError as e:  # another number or size of parameter groups
+        raise UserError(f"the checkpoint's optimizer state does not fit this run's parameters ({e}); it was "
+                        "written with other trainable parameters or by an older instructkit: start in a new "
+                        "output_dir") from None
+    for g, keep in zip(optimizer.param_groups, base):
+        g.update(keep)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from instructkit.config import env_world_size, resolve_plan
 from instructkit.errors import UserError
 
 
@@ -56,11 +56,6 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def env_world_size() -> int:
-    """The world size torchrun announced (before the process group exists)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init(backend: str = "auto") -> bool:
@@ -180,56 +175,7 @@ def rank_slice(items: list) -> list:
     return list(items[rank()::world_size()]) if active() else list(items)
 
 
-def broadcast_object(obj):
-    if not active():
-        return obj
-    box = [obj]
-    _dist().broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # --------------------------------------------------------------------------- strategy
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What ``wrap`` does: ``strategy`` fsdp or ddp; FSDP's resharding and offload."""
-
-    strategy: str
-    reshard_after_forward: bool = True
-    cpu_offload: bool = False
-
-
-ZERO_STAGE_HELP = (
-    "DeepSpeed ZeRO stages map onto PyTorch as: 0 = DDP (replicas, gradients all-reduced); "
-    "2 = FSDP2 keeping parameters gathered between forward and backward "
-    "(reshard_after_forward=false: gradients and optimizer state sharded); "
-    "3 = FSDP2 fully sharded (parameters too). ZeRO-1 (optimizer state only) has no FSDP2 "
-    "counterpart; use zero_stage=2, which shards the gradients as well and needs no more memory"
-)
-
-
-def resolve_plan(dcfg) -> Plan:
-    """``distributed`` config section -> Plan; contradictions are UserErrors."""
-    strategy, zs = dcfg.strategy, dcfg.zero_stage
-    reshard = dcfg.reshard_after_forward
-    if zs is not None:
-        if zs not in (0, 2, 3):
-            raise UserError(f"distributed.zero_stage={zs}: {ZERO_STAGE_HELP}")
-        implied = "ddp" if zs == 0 else "fsdp"
-        if strategy not in ("auto", implied):
-            raise UserError(
-                f"distributed.zero_stage={zs} means strategy={implied}, but distributed.strategy="
-                f"{strategy}: drop one of the two. {ZERO_STAGE_HELP}"
-            )
-        strategy = implied
-        if zs == 2:
-            reshard = False
-    if strategy == "auto":
-        strategy = "fsdp"
-    if strategy == "ddp" and dcfg.cpu_offload:
-        raise UserError("distributed.cpu_offload needs strategy=fsdp (DDP keeps whole replicas on each GPU)")
-    return Plan(strategy=strategy, reshard_after_forward=reshard, cpu_offload=dcfg.cpu_offload)
 
 
 # --------------------------------------------------------------------------- wrapping

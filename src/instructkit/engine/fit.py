@@ -1,27 +1,28 @@
 """The training loop every gradient stage shares (SFT, reward model, DPO, pretraining).
 
-A stage supplies what differs: how an epoch is planned into micro-batches, how one optimizer
-step's micro-batches are run forward and backward, and how to evaluate. ``fit`` does the rest
-in one visible loop: learning-rate schedule, the guarded optimizer step, metrics, progress,
-evaluation and early stopping, checkpoints, and exact resume.
+A stage supplies what differs: how an epoch is planned into micro-batches, how a micro-batch
+is collated, what its loss is summed over and the summed loss itself, and how to evaluate.
+``fit`` does the rest in one visible loop: gradient accumulation and its normalisation over
+micro-batches and ranks (:func:`accumulate`, the one place that rule is written), the
+learning-rate schedule, the guarded optimizer step, metrics, progress, evaluation and early
+stopping, checkpoints, and exact resume.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from instructkit.config import LogConfig, TrainConfig, effective_batch_size
+from instructkit.config import LogConfig, TrainConfig, accumulation, effective_batch_size
 from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar
-from instructkit.engine.optim import lr_at, set_lr
+from instructkit.engine.optim import lr_multiplier, set_lr, total_steps
 from instructkit.engine.runtime import peak_memory_gb
 from instructkit.engine.step import StepGuard, optimizer_step
 
@@ -32,10 +33,13 @@ class Stage:
 
     name: str
     plan: Callable[[int], Sequence]  # epoch -> micro-batch specs (deterministic)
-    # One optimizer step's micro-batch specs -> (mean loss, extra metrics); runs backward.
-    backward: Callable[[list], tuple[float, dict]]
+    collate: Callable[[Any], dict]  # a micro-batch spec -> its batch of tensors (on the CPU)
+    count: Callable[[dict], int]  # what a batch's loss is a sum over: target tokens, groups, pairs
+    # a batch -> (its summed loss, a scalar tensor with grad; what `metrics` needs from it, detached)
+    loss: Callable[[dict], tuple[torch.Tensor, Any]]
     evaluate: Callable[[], dict]  # -> metrics with "eval_" keys; {} when there is nothing
     tokens: Callable[[list], int]  # real tokens in a step's specs, for tokens/s
+    metrics: Callable[[list], dict] | None = None  # this rank's parts of a step -> metrics over all ranks
     on_step: Callable[[int, MetricsLogger], None] | None = None  # e.g. sample generations
     start_metrics: dict = field(default_factory=dict)  # e.g. data counts, logged once at the start
 
@@ -48,8 +52,27 @@ class FitResult:
     stopped_early: bool
 
 
-def total_steps(t: TrainConfig, micro_batches_per_epoch: int, world_size: int = 1) -> int:
-    return t.max_steps or max(1, math.ceil(t.epochs * micro_batches_per_epoch / (t.grad_accum * world_size)))
+def accumulate(model: torch.nn.Module, stage: Stage, specs: list) -> tuple[float, list]:
+    """Forward and backward over one optimizer step's micro-batches (this rank's share).
+
+    Each micro-batch's summed loss is divided by the count of the WHOLE step over all ranks, so
+    micro-batch 2 x accumulation 2 gives the gradients of micro-batch 4 x accumulation 1 and long
+    and short micro-batches weigh their items equally; and scaled by the world size, because FSDP
+    and DDP average the ranks' gradients, so N ranks give the gradients of one process running
+    the whole step. Returns the step's mean loss over all ranks and every micro-batch's part."""
+    batches = [stage.collate(spec) for spec in specs]
+    n = D.global_sum(sum(stage.count(b) for b in batches))
+    denom = max(n, 1) / D.world_size()
+    loss_sum, parts = torch.zeros(()), []  # summed where the loss is: one sync per step
+    for i, batch in enumerate(batches):
+        with D.grad_sync(model, i == len(batches) - 1):
+            loss, part = stage.loss(batch)
+            (loss / denom).backward()
+        loss_sum = loss_sum.to(loss.device) + loss.detach().float()
+        parts.append(part)
+    if not batches and not D.active():
+        return float("nan"), parts
+    return D.global_sum(float(loss_sum)) / max(n, 1), parts
 
 
 def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg: LogConfig,
@@ -78,9 +101,10 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
     t0, tokens = time.perf_counter(), 0
     step = start
     while step < total:
-        set_lr(optimizer, lr_at(step, total, t))
-        specs = stream.take(t.grad_accum * world)  # the same global list on every rank
-        loss, extra = stage.backward(D.rank_slice(specs))  # loss and extra: over all ranks
+        set_lr(optimizer, lr_multiplier(step, total, t))
+        specs = stream.take(accumulation(t, world) * world)  # the same global list on every rank
+        loss, parts = accumulate(model, stage, D.rank_slice(specs))  # the loss: over all ranks
+        extra = stage.metrics(parts) if stage.metrics is not None else {}
         tokens += stage.tokens(specs)
         result = optimizer_step(model, optimizer, t.max_grad_norm, guard, loss, step)
         step += 1

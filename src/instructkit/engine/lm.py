@@ -112,31 +112,17 @@ def evaluate_lm(model, batches, device, precision: str, chunk_size: int = 0) -> 
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
 
 
-def lm_backward(model, micro_batches: list[dict], device, precision: str, chunk_size: int = 0) -> float:
-    """Forward and backward over one optimizer step's micro-batches.
+def target_count(batch: dict) -> int:
+    """What an LM batch's loss is a sum over: its targets (``Stage.count``)."""
+    return int((batch["target_ids"] != IGNORE_INDEX).sum())
 
-    Each micro-batch's summed loss is divided by the target count of the WHOLE step, so
-    micro-batch 2 x accumulation 2 gives the gradients of micro-batch 4 x accumulation 1, and
-    long and short micro-batches weigh their tokens equally. Returns the step's mean loss.
 
-    Under torchrun ``micro_batches`` are this rank's share and the target count is summed over
-    all ranks; the per-rank loss is scaled by the world size because FSDP and DDP average the
-    ranks' gradients. N ranks then give the gradients of one process running the whole step.
-    """
-    n_local = sum(int((mb["target_ids"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    n_targets = D.global_sum(n_local)
-    denom = max(n_targets, 1) / D.world_size()
-    loss_sum = torch.zeros(())  # summed on the loss's device: one sync per step, not per micro-batch
-    for i, mb in enumerate(micro_batches):
-        mb = to_device(mb, device)
-        with D.grad_sync(model, i == len(micro_batches) - 1):
-            with autocast(precision, device):
-                loss, _ = D.through(model, lm_loss_sum, mb, chunk_size)
-            (loss / denom).backward()
-        loss_sum = loss_sum.to(loss.device) + loss.detach().float()
-    if not micro_batches and not D.active():
-        return float("nan")
-    return D.global_sum(float(loss_sum)) / max(n_targets, 1)
+def lm_loss(model, batch: dict, device, precision: str, chunk_size: int = 0) -> tuple[torch.Tensor, None]:
+    """A collated LM batch's summed next-token loss on ``device`` (``Stage.loss``; no metrics part)."""
+    batch = to_device(batch, device)
+    with autocast(precision, device):
+        loss, _ = D.through(model, lm_loss_sum, batch, chunk_size)
+    return loss, None
 
 
 def completion_logps(model, batch: dict, average: bool = False) -> torch.Tensor:

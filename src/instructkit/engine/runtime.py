@@ -1,29 +1,13 @@
-"""Device, precision, seeding and RNG state."""
+"""Precision, seeding and RNG state (the device: instructkit.models.resolve_device)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 
 import numpy as np
 import torch
 
-from instructkit.errors import UserError
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"model.device={spec!r} but no CUDA GPU is visible; use model.device=cpu")
-    return dev
 
 
 def autocast(precision: str, device: torch.device):

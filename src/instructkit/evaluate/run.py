@@ -54,7 +54,7 @@ def _free(device) -> None:
 def run(cfg: EvalConfig) -> dict:
     """Run ``cfg.tasks`` on ``cfg.model``; write the report files; return the report dict."""
     from instructkit.config import save_config
-    from instructkit.engine.runtime import resolve_device
+    from instructkit.models import resolve_device
     from instructkit.evaluate import judge as J
     from instructkit.evaluate.samples import (
         generate_samples, load_prompt_set, read_responses, write_jsonl_atomic,

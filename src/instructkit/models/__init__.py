@@ -12,7 +12,6 @@ from instructkit.models.adapters import (
     detect_target_modules,
 )
 from instructkit.models.heads import (
-    NUM_PADDING_AT_BEGINNING_MESSAGE,
     load_reward_model,
     load_reward_stats,
     reward_scores,
@@ -42,7 +41,6 @@ from instructkit.models.tokenizer import fix_pad_token, load_tokenizer, set_chat
 
 __all__ = [
     "score_head",
-    "NUM_PADDING_AT_BEGINNING_MESSAGE",
     "TINY_PRESETS",
     "Source",
     "apply_adapter",

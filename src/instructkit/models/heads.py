@@ -41,14 +41,6 @@ log = logging.getLogger("instructkit.models")
 MEAN_KEY = "instructkit_reward_mean"
 STD_KEY = "instructkit_reward_std"
 
-NUM_PADDING_AT_BEGINNING_MESSAGE = (
-    "num_padding_at_beginning is not needed and not accepted: DeepSpeed-Chat's reward model "
-    "found the end of each sequence by searching for pad token ids and skipped that many pad "
-    "tokens at the start (1 for OPT, whose tokenizer starts every sequence with a token equal "
-    "to its pad id). instructkit reads the score at the last real token taken from the "
-    "attention mask, which is right for right padding, left padding, leading pad-like tokens "
-    "and pad == eos alike, so there is nothing to offset. Remove the setting."
-)
 """Why the DeepSpeed-Chat setting ``num_padding_at_beginning`` is rejected.
 
 DeepSpeed-Chat's reward model found the end of a sequence by searching ``input_ids`` for the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import tempfile
 import time
@@ -29,11 +30,13 @@ RESIZE_SEED = 0  # new embedding rows are drawn with this seed: the same on ever
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``model.device`` as a torch device; "auto" (or None) is this rank's GPU (LOCAL_RANK under
+    torchrun), else Apple's MPS, else the CPU."""
     if isinstance(device, torch.device):
         return device
     if device is None or device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             return torch.device("mps")

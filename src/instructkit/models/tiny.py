@@ -13,25 +13,10 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
+from instructkit.errors import UserError
+from instructkit.shapes import TINY_PRESETS
 
-# LlamaConfig fields per preset; vocab_size and the special token ids come from the tokenizer.
-TINY_PRESETS: dict[str, dict] = {
-    "tiny-llama": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "tiny-llama-256": dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-}
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
 
 
 def is_tiny_preset(name: str | None) -> bool:
@@ -52,8 +37,6 @@ def tiny_config(name: str, tokenizer=None):
 
     key = name.strip().lower()
     if key not in TINY_PRESETS:
-        from instructkit.errors import UserError
-
         raise UserError(f"unknown tiny preset {name!r}; choose one of {', '.join(TINY_PRESETS)}")
     tok = tokenizer if tokenizer is not None else tiny_tokenizer()
     cfg = LlamaConfig(

@@ -18,6 +18,7 @@ import torch
 
 from instructkit import data as D
 from instructkit import models as M
+from instructkit.models import resolve_device
 from instructkit.config import AdapterConfig, DPOConfig, to_dict
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
@@ -25,7 +26,7 @@ from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import completion_logps, to_device
 from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
-from instructkit.engine.runtime import autocast, resolve_device, seed_everything
+from instructkit.engine.runtime import autocast, seed_everything
 from instructkit.generate import log_samples
 from instructkit.preference_losses import (
     dpo_conservative_loss, dpo_hinge_loss, dpo_metrics, dpo_sigmoid_loss, ipo_loss,
@@ -110,8 +111,8 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
                     ref.table[(name, g)] = ref.logps(rows(split, [g]), average).cpu()
         ref.copy = None  # free the frozen copy; the table is all we need
 
-    def pair_terms(split_name, split, groups):
-        batch = rows(split, groups)
+    def pair_terms(split_name, split, groups, batch=None):
+        batch = to_device(batch, device) if batch is not None else rows(split, groups)
         with autocast(precision, device):
             policy_lp = dist.through(policy, completion_logps, batch, average)  # [R]
         ref_lp = ref_logps(split_name, split, groups, batch)  # [R]
@@ -122,20 +123,16 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
         return D.plan_preference_batches([len(e.responses) for e in pref.train], t.micro_batch_size,
                                          seed=t.seed, epoch=epoch)
 
-    def backward(planned: list) -> tuple[float, dict]:
-        # The step's pairs on all ranks; x world size because FSDP/DDP average the gradients.
-        n_pairs = dist.global_sum(sum(len(D.pairs_of(pref.train[g])) for groups in planned for g in groups))
-        scale = dist.world_size() / n_pairs
-        total, terms = 0.0, []
-        for i, groups in enumerate(planned):
-            with dist.grad_sync(policy, i == len(planned) - 1):
-                pc, pr, rc, rr = pair_terms("train", pref.train, groups)
-                loss = loss_of(pc, pr, rc, rr, cfg.dpo.beta).sum() * scale
-                loss.backward()
-            total += float(loss.detach()) / dist.world_size()
-            terms.append([x.detach() for x in (pc, pr, rc, rr)])
-        terms = [[dist.gather_cat(torch.cat([t[i] for t in terms])) for i in range(4)]]
-        return dist.global_sum(total), named_metrics(terms, cfg.dpo.beta)
+    def collate(groups: list) -> dict:  # the group indices ride along for the reference table
+        return {**D.collate_preference(pref.train, groups, pad), "groups": groups}
+
+    def loss(batch: dict):  # summed over the batch's pairs: fit divides by the step's
+        pc, pr, rc, rr = pair_terms("train", pref.train, batch["groups"], batch)
+        return loss_of(pc, pr, rc, rr, cfg.dpo.beta).sum(), [x.detach() for x in (pc, pr, rc, rr)]
+
+    def step_metrics(parts: list) -> dict:  # over every rank's pairs
+        terms = [[dist.gather_cat(torch.cat([p[i] for p in parts])) for i in range(4)]]
+        return named_metrics(terms, cfg.dpo.beta)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -157,7 +154,8 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
             log_samples(policy, tokenizer, cfg, step, out, logger)
 
     stage = Stage(
-        name="dpo", plan=plan, backward=backward, evaluate=evaluate, on_step=on_step,
+        name="dpo", plan=plan, collate=collate, count=lambda batch: len(batch["pairs"]), loss=loss,
+        metrics=step_metrics, evaluate=evaluate, on_step=on_step,
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from instructkit import models as M
+from instructkit.models import resolve_device
 from instructkit import rl
 from instructkit import rollout as RO
 from instructkit.atomic import replace_dir
@@ -40,8 +41,8 @@ from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar
 from instructkit.redact import redact
-from instructkit.engine.optim import lr_at, optimizer_of
-from instructkit.engine.runtime import autocast, peak_memory_gb, resolve_device, seed_everything
+from instructkit.engine.optim import build_optimizer, lr_multiplier, set_lr, total_steps
+from instructkit.engine.runtime import autocast, peak_memory_gb, seed_everything
 from instructkit.engine.step import StepGuard, optimizer_step
 from instructkit.errors import UserError
 
@@ -216,8 +217,8 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
     gen_tokens = int(batch.response_mask.sum())
     t0 = time.perf_counter()
     with autocast(precision, device):
-        raw = (RO.reward_model_scores(actors.reward_model, batch, ro.micro_batch_size)
-               if actors.reward_model is not None else RO.function_scores(reward_fn, batch)).float()
+        raw = RO.score_responses(actors.reward_model if actors.reward_model is not None else reward_fn, batch,
+                                 ro.micro_batch_size).float()
         old_logp = actors.run(lambda: RO.response_logprobs(actors.policy, batch, ro.micro_batch_size, ro.temperature))
         with actors.reference() as ref:
             ref_logp = actors.run(lambda: RO.response_logprobs(ref, batch, ro.micro_batch_size, ro.temperature))
@@ -228,9 +229,9 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
 
     mask = batch.response_mask.float()  # [B, T]
     scores = raw
-    if cfg.reward.normalize == "stored":
+    if cfg.reward.normalization() == "stored":
         scores = rl.normalize_scores(scores, *reward_stats)
-    elif cfg.reward.normalize == "running":
+    elif cfg.reward.normalization() == "running":
         moments.update(dist.gather_cat(raw))  # every rank's scores: the same statistics everywhere
         scores = rl.normalize_scores(scores, moments.mean, moments.std)
     scores = rl.clip_scores(scores, cfg.reward.clip)
@@ -287,7 +288,8 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
     # reference copy are replicated on every rank.
     dist.wrap(actors.trainable, cfg.distributed, cfg.policy.precision, device)
     stop_ids = rollout_stop_ids(cfg, tokenizer, actors.policy)
-    reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalize == "stored" else (0.0, 1.0))
+    reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalization() == "stored"
+                    else (0.0, 1.0))
     optimizer = build_ppo_optimizer(actors, cfg, device)
     ptx = PtxSource(cfg, tokenizer, device) if cfg.ppo.ptx_coef else None
     R.write_config(cfg, out)
@@ -300,7 +302,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
         n = cfg.rollout.prompts_per_step * world
         return [order[i:i + n] for i in range(0, len(order) - n + 1, n)] or [order]
 
-    total = t.max_steps or max(1, int(t.epochs * len(plan(0))))
+    total = total_steps(t, len(plan(0)))  # a plan entry is one step of every rank (train.grad_accum is 1)
     stream = BatchStream(plan)
     guard = StepGuard(t.max_nonfinite_steps, cfg.policy.precision, cfg.policy.attn_implementation, t.lr)
     kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
@@ -322,8 +324,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
     metrics: dict = {}
     step = start
     while step < total:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, replace(t, lr=group["base_lr"], min_lr=t.min_lr * group["base_lr"] / t.lr))
+        set_lr(optimizer, lr_multiplier(step, total, t))
         batch_prompts = [prompts[i] for i in dist.rank_slice(stream.next())]  # this rank's share
         try:
             exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
@@ -377,16 +378,13 @@ def rollout_stop_ids(cfg: PPOConfig, tokenizer, policy) -> list[int]:
 def build_ppo_optimizer(actors: Actors, cfg: PPOConfig, device):
     """One AdamW with a policy group and a value group (separate learning rates)."""
     if actors.shared:
-        policy = [p for n, p in actors.policy.named_parameters() if "lora_" in n and ".value." not in n]
-        value = [p for n, p in actors.policy.named_parameters() if "lora_" in n and ".value." in n]
-        value += list(actors.value_head.parameters())
+        policy = [(n, p) for n, p in actors.policy.named_parameters() if "lora_" in n and ".value." not in n]
+        value = [(n, p) for n, p in actors.policy.named_parameters() if "lora_" in n and ".value." in n]
+        value += list(actors.value_head.named_parameters())
     else:
-        policy = [p for p in actors.policy.parameters() if p.requires_grad]
-        value = [p for p in actors.value_model.parameters() if p.requires_grad]
-    value_lr = cfg.ppo.value_lr or cfg.train.lr
-    groups = [{"params": policy, "lr": cfg.train.lr, "base_lr": cfg.train.lr, "name": "policy"},
-              {"params": value, "lr": value_lr, "base_lr": value_lr, "name": "value"}]
-    return optimizer_of(groups, cfg.train, device)
+        policy, value = list(actors.policy.named_parameters()), list(actors.value_model.named_parameters())
+    return build_optimizer({"policy": (policy, cfg.train.lr), "value": (value, cfg.ppo.value_lr or cfg.train.lr)},
+                           cfg.train, device)
 
 
 def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg: PPOConfig,
@@ -410,7 +408,7 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
                     loss = pg_loss + rl.entropy_bonus(entropy, e["mask"], p.entropy_coef)
                     if ptx is not None and policy_on:
                         ptx_loss = ptx.loss(actors.policy)
-                        loss = loss + p.ptx_coef * ptx_loss
+                        loss = rl.mix_ptx_loss(loss, ptx_loss, p.ptx_coef)
                         stats.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
                 return loss, pg_loss, pg_stats, entropy
 
@@ -428,7 +426,7 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
                 v_loss, vf_loss, vf_stats = actors.run(value_pass)
                 v_loss.backward()
             loss = (float(loss.detach()) if policy_on else 0.0) + float(v_loss.detach())
-            norms = clip_groups(optimizer, cfg.train.max_grad_norm)
+            norms = clip_groups(optimizer, cfg.train.max_grad_norm, actors.trainable)
             # the mean over ranks: every rank skips (or takes) the step together
             loss_value = dist.global_sum(loss) / dist.world_size()
             optimizer_step(actors.trainable, optimizer, None, guard, loss_value, step)
@@ -438,14 +436,20 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
     return mean_over_ranks({k: sum(v) / len(v) for k, v in stats.items()})
 
 
-def clip_groups(optimizer, max_norm: float | None) -> dict:
-    """Clip the policy's and the value model's gradients separately (their scales differ)."""
-    out = {}
+def clip_groups(optimizer, max_norm: float | None, model) -> dict:
+    """Clip the policy's and the value model's gradients separately (their scales differ); each
+    part's decay and no-decay groups together, in the model's parameter order (the norm's sum
+    does not depend on how the optimizer grouped them)."""
+    order = {id(q): i for i, q in enumerate(model.parameters())}
+    parts: dict[str, list] = {}  # "policy" and "value", each with its no-decay group
     for g in optimizer.param_groups:
-        params = [q for q in g["params"] if q.grad is not None]
+        parts.setdefault(g["name"].removesuffix(".no_decay"), []).extend(q for q in g["params"] if q.grad is not None)
+    out = {}
+    for name, params in parts.items():
+        params.sort(key=lambda q: order.get(id(q), len(order)))
         if params:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-            out[f"grad_norm_{g['name']}"] = dist.plain_norm(norm)
+            out[f"grad_norm_{name}"] = dist.plain_norm(norm)
     return out
 
 

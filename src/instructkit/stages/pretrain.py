@@ -13,16 +13,18 @@ from pathlib import Path
 import torch
 
 from instructkit import models as M
+from instructkit.models import resolve_device
 from instructkit.config import ModelConfig, PretrainConfig, to_dict
 from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine import distributed as dist
-from instructkit.engine.lm import evaluate_lm, lm_backward, warn_if_unchunked
-from instructkit.redact import redact
+from instructkit.engine.lm import evaluate_lm, lm_loss, target_count, warn_if_unchunked
 from instructkit.engine.optim import build_optimizer
-from instructkit.engine.runtime import resolve_device, seed_everything
+from instructkit.engine.runtime import seed_everything
 from instructkit.errors import DataError, UserError
+from instructkit.redact import redact
+from instructkit.shapes import llama_shape
 
 
 @dataclass
@@ -39,28 +41,8 @@ class PretrainResult:
 
 
 def model_shape(cfg: PretrainConfig) -> dict:
-    """LlamaConfig fields of the configured shape: the preset's, overridden by explicit ones."""
-    m = cfg.model
-    shape: dict = {}
-    if m.shape is not None:
-        key = m.shape.strip().lower()
-        if key not in M.TINY_PRESETS:
-            raise UserError(f"model.shape={m.shape!r}: choose one of {', '.join(M.TINY_PRESETS)}")
-        shape.update(M.TINY_PRESETS[key])
-    explicit = {
-        "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
-        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
-        "num_key_value_heads": m.num_kv_heads,
-    }
-    shape.update({k: v for k, v in explicit.items() if v is not None})
-    shape.setdefault("num_key_value_heads", shape["num_attention_heads"])
-    if shape["hidden_size"] % shape["num_attention_heads"]:
-        raise UserError(f"model: hidden_size {shape['hidden_size']} is not a multiple of "
-                        f"num_heads {shape['num_attention_heads']}")
-    if shape["num_attention_heads"] % shape["num_key_value_heads"]:
-        raise UserError(f"model: num_heads {shape['num_attention_heads']} is not a multiple of "
-                        f"num_kv_heads {shape['num_key_value_heads']}")
-    return shape
+    """LlamaConfig fields of the configured shape (checked once, in instructkit.shapes)."""
+    return llama_shape(cfg.model)
 
 
 def load_pretrain_tokenizer(cfg: PretrainConfig, out: Path):
@@ -140,10 +122,6 @@ def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False)
     def plan(epoch: int):  # micro-batches -> window start offsets
         return corpus.plan(d.seq_len, t.micro_batch_size, seed=t.seed, epoch=epoch, val_fraction=d.val_fraction)
 
-    def backward(planned):
-        micro_batches = [corpus.collate(starts, d.seq_len) for starts in planned]
-        return lm_backward(model, micro_batches, device, precision, t.loss_chunk_size), {}
-
     def evaluate() -> dict:
         batches = corpus.eval_plan(d.seq_len, t.micro_batch_size, d.val_fraction)[: t.eval_max_batches or None]
         if not batches:
@@ -153,7 +131,8 @@ def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False)
         return {"eval_loss": r["loss"], "eval_ppl": r["ppl"]}
 
     stage = Stage(
-        name="pretrain", plan=plan, backward=backward, evaluate=evaluate,
+        name="pretrain", plan=plan, collate=lambda starts: corpus.collate(starts, d.seq_len), count=target_count,
+        loss=lambda batch: lm_loss(model, batch, device, precision, t.loss_chunk_size), evaluate=evaluate,
         tokens=lambda planned: sum(len(starts) for starts in planned) * d.seq_len,
         start_metrics={"data_tokens": corpus.n_tokens, "data_documents": corpus.n_documents,
                        "data_train_windows": len(train_starts), "data_val_windows": len(val_starts),

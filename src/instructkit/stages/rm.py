@@ -15,6 +15,7 @@ import torch
 
 from instructkit import data as D
 from instructkit import models as M
+from instructkit.models import resolve_device
 from instructkit.config import RMConfig, to_dict
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
@@ -22,7 +23,7 @@ from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import to_device
 from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
-from instructkit.engine.runtime import autocast, resolve_device, seed_everything
+from instructkit.engine.runtime import autocast, seed_everything
 from instructkit.preference_losses import (
     ranked_pairs, ranked_reward_loss, reward_centering_term, reward_metrics,
 )
@@ -82,22 +83,14 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
         center = reward_centering_term(rewards[better], rewards[worse])
         return per_group, center, rewards[better], rewards[worse]
 
-    def backward(planned: list) -> tuple[float, dict]:
-        # Normalise over the whole step's prompts (on all ranks) so accumulation and more
-        # ranks equal a bigger batch; x world size because FSDP/DDP average the ranks' gradients.
-        n_groups = dist.global_sum(sum(len(groups) for groups in planned))
-        scale = dist.world_size() / n_groups
-        total, rb, rw = 0.0, [], []
-        for i, groups in enumerate(planned):
-            with dist.grad_sync(model, i == len(planned) - 1):
-                per_group, center, b, w = losses(D.collate_preference(pref.train, groups, pad))
-                loss = (per_group.sum() + cfg.rm.center_coef * center * len(groups)) * scale
-                loss.backward()
-            total += float(loss.detach()) / dist.world_size()
-            rb.append(b.detach()), rw.append(w.detach())
-        rb, rw = dist.gather_cat(torch.cat(rb)), dist.gather_cat(torch.cat(rw))
-        metrics = {k: float(v) for k, v in reward_metrics(rb, rw).items()}
-        return dist.global_sum(total), metrics
+    def loss(batch: dict):  # summed over the batch's groups (prompts): fit divides by the step's
+        per_group, center, b, w = losses(batch)
+        return per_group.sum() + cfg.rm.center_coef * center * len(per_group), (b.detach(), w.detach())
+
+    def step_metrics(parts: list) -> dict:  # accuracy and margins over every rank's pairs
+        rb = dist.gather_cat(torch.cat([b for b, _ in parts]))
+        rw = dist.gather_cat(torch.cat([w for _, w in parts]))
+        return {k: float(v) for k, v in reward_metrics(rb, rw).items()}
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -114,7 +107,8 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
         return {"eval_loss": float(torch.cat(group_losses).mean()), **{f"eval_{k}": float(v) for k, v in metrics.items()}}
 
     stage = Stage(
-        name="rm", plan=plan, backward=backward, evaluate=evaluate,
+        name="rm", plan=plan, collate=lambda groups: D.collate_preference(pref.train, groups, pad),
+        count=lambda batch: len(group_sizes(batch)), loss=loss, metrics=step_metrics, evaluate=evaluate,
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )

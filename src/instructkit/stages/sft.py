@@ -11,14 +11,15 @@ from pathlib import Path
 
 from instructkit import data
 from instructkit import models as M
+from instructkit.models import resolve_device
 from instructkit.config import SFTConfig, to_dict
 from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
-from instructkit.engine.lm import evaluate_lm, lm_backward, warn_if_unchunked
+from instructkit.engine.lm import evaluate_lm, lm_loss, target_count, warn_if_unchunked
 from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
-from instructkit.engine.runtime import resolve_device, seed_everything
+from instructkit.engine.runtime import seed_everything
 from instructkit.generate import log_samples
 
 
@@ -58,10 +59,6 @@ def run(cfg: SFTConfig, resume: bool = False, allow_new_data: bool = False) -> S
     def collate(rows, examples):
         return data.collate(examples, rows, tokenizer.pad_token_id, cfg.model.attn_implementation)
 
-    def backward(planned):
-        micro_batches = [collate(rows, sft_data.train) for rows in planned]
-        return lm_backward(model, micro_batches, device, precision, t.loss_chunk_size), {}
-
     def eval_batches(examples):
         rows_plan = data.plan_micro_batches([len(e["input_ids"]) for e in examples], t.micro_batch_size,
                                          cfg.data.max_seq_len, packing=False, group_by_length=True, seed=0, epoch=0)
@@ -80,7 +77,9 @@ def run(cfg: SFTConfig, resume: bool = False, allow_new_data: bool = False) -> S
             log_samples(model, tokenizer, cfg, step, out, logger)
 
     stage = Stage(
-        name="sft", plan=plan, backward=backward, evaluate=evaluate, on_step=on_step,
+        name="sft", plan=plan, collate=lambda rows: collate(rows, sft_data.train), count=target_count,
+        loss=lambda batch: lm_loss(model, batch, device, precision, t.loss_chunk_size),
+        evaluate=evaluate, on_step=on_step,
         tokens=lambda planned: sum(lengths[i] for rows in planned for row in rows for i in row),
         start_metrics={f"data_{k}": v for k, v in sft_data.stats.items()},
     )
