@@ -23,7 +23,11 @@ def generate_responses(
     template: str = "auto",
     seed: int | None = None,
 ) -> list[str]:
-    """Responses to ``prompts`` (left-padded batches, KV cache on). temperature 0 is greedy."""
+    """Responses to ``prompts`` (left-padded batches, KV cache on). temperature 0 is greedy.
+    ``model``: a plain model, or a stage's :class:`~instructkit.engine.distributed.Wrapped`
+    (every rank takes part under torchrun)."""
+    run = D.wrapped(model)
+    model = run.module
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -50,7 +54,7 @@ def generate_responses(
                 # top_k=0 must be explicit: None would fall back to the default of 50
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
             # Through the distributed root when sharded; synced: ranks stop together.
-            ids = D.through(model, _generate, enc, dict(kwargs, synced_gpus=D.active()))
+            ids = run(_generate, enc, dict(kwargs, synced_gpus=D.active()))
             new = ids[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

@@ -66,11 +66,14 @@ def test_one_process_helpers_are_the_identity():
     t = torch.tensor([1.0, 2.0])
     assert D.gather_cat(t) is t
     model = torch.nn.Linear(2, 1)
-    assert D.wrap(model, DistributedConfig(), "fp32", torch.device("cpu")) is model
-    assert not D.sharded(model)
-    assert D.through(model, lambda m, x: m(x) * 2, torch.ones(1, 2)).shape == (1, 1)
-    with D.gathered(model) as full:
+    wrapped = D.wrap(model, DistributedConfig(), "fp32", torch.device("cpu"))
+    assert isinstance(wrapped, D.Wrapped) and wrapped.module is model and not wrapped.sharded
+    assert wrapped(lambda m, x: m(x) * 2, torch.ones(1, 2)).shape == (1, 1)
+    with wrapped.grad_sync(False):  # nothing to hold back in one process
+        pass
+    with D.gathered(wrapped) as full:
         assert full is model
+    assert D.wrapped(wrapped) is wrapped and D.wrapped(model).module is model
 
 
 def test_whitening_with_a_sum_over_ranks_uses_the_global_statistics():

@@ -146,12 +146,13 @@ def _sum_stage(model):
 def test_accumulate_gives_the_gradients_of_one_big_batch():
     """Micro-batches of 1, 2 and 5 items (uneven on purpose): the gradient is that of the mean
     over all 8 items, not the mean of three micro-batch means; the loss returned is that mean."""
+    from instructkit.engine import distributed as D
     from instructkit.engine.fit import accumulate
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 3), torch.randn(8)
     model = torch.nn.Linear(3, 1)
-    loss, parts = accumulate(model, _sum_stage(model), [(x[:1], y[:1]), (x[1:3], y[1:3]), (x[3:], y[3:])])
+    loss, parts = accumulate(D.Wrapped(model), _sum_stage(model), [(x[:1], y[:1]), (x[1:3], y[1:3]), (x[3:], y[3:])])
     split = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     whole = ((model(x).squeeze(-1) - y) ** 2).mean()
@@ -162,7 +163,7 @@ def test_accumulate_gives_the_gradients_of_one_big_batch():
     assert sum(parts) == pytest.approx(8 * float(whole), rel=1e-6)  # each micro-batch's part, in order
     # by hand: one item of squared error e has gradient 2 * e * x / 8 for the weight
     model.zero_grad()
-    loss, _ = accumulate(model, _sum_stage(model), [(x[:1], y[:1])])
+    loss, _ = accumulate(D.Wrapped(model), _sum_stage(model), [(x[:1], y[:1])])
     e = float(model(x[:1]).squeeze() - y[0])
     torch.testing.assert_close(model.weight.grad[0], 2 * e * x[0], rtol=1e-5, atol=1e-6)
 

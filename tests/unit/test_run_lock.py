@@ -88,11 +88,12 @@ def test_two_cli_runs_into_one_folder(tmp_path):
 def test_resume_says_when_there_is_nothing_to_resume(tmp_path, caplog):
     import torch
 
+    from instructkit.engine import distributed as D
     from instructkit.engine.batches import BatchStream
     from instructkit.engine.step import StepGuard
 
     model = torch.nn.Linear(2, 2)
     with caplog.at_level("WARNING", logger="instructkit.engine"):
-        step, _, _ = R.restore(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1),
+        step, _, _ = R.restore(tmp_path, D.Wrapped(model), torch.optim.SGD(model.parameters(), lr=0.1),
                                BatchStream(lambda epoch: [[0]]), StepGuard(3))
     assert step == 0 and "no checkpoint in" in caplog.text and "starting from step 0" in caplog.text

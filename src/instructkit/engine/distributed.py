@@ -6,12 +6,10 @@ sharded checkpoints are PyTorch's (``torch.distributed.fsdp``, ``DistributedData
 stages unaware of it:
 
 - ``init`` starts the process group when ``torchrun`` set ``WORLD_SIZE > 1``;
-- ``wrap`` shards or replicates a model. The stages keep working with the plain model
-  object; its distributed root is an ``Entry`` module whose forward runs any function of the
-  model, so every pass the stages make (LM loss with the chunked head, reward scores, values,
-  ``generate``) is one forward of the root and FSDP2 / DDP see it;
-- ``through(model, fn, ...)`` is how a stage runs such a pass: ``fn(model, ...)`` in one
-  process, ``entry(fn, ...)`` under torchrun;
+- ``wrap`` shards or replicates a model and returns a :class:`Wrapped` the stage holds. Its
+  distributed root is an ``Entry`` module whose forward runs any function of the model, so
+  every pass the stages make (LM loss with the chunked head, reward scores, values,
+  ``generate``) is ``wrapped(fn, ...)``: one forward of the root, which FSDP2 / DDP see;
 - ``global_sum`` and friends give the loss normalisers and metrics over all ranks, so a run
   on N ranks with global batch B matches a run on one process with batch B.
 """
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -197,7 +194,50 @@ class Entry(nn.Module):
         return fn(self.module, *args, **kwargs)
 
 
-_ROOTS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+class Wrapped:
+    """What :func:`wrap` returns and a stage holds: the model and, under torchrun, its
+    distributed root. Every training pass is a call of it, ``wrapped(fn, *args)``, which runs
+    ``fn(model, *args)``: in one process directly, under torchrun as one forward of the root
+    (where FSDP2 gathers the root's parameters and DDP prepares its reduction). Holding this
+    instead of finding the root at run time means a pass cannot silently skip it.
+
+    ``module`` is the plain model: for the optimizer, counting and saving, never for a pass."""
+
+    def __init__(self, module: nn.Module, root: nn.Module | None = None):
+        self.module, self.root = module, root
+
+    def __call__(self, fn, *args, **kwargs):
+        if self.root is None:
+            return fn(self.module, *args, **kwargs)
+        return self.root(fn, *args, **kwargs)
+
+    @property
+    def sharded(self) -> bool:
+        """True when checkpoints must go through torch.distributed.checkpoint."""
+        return self.root is not None
+
+    @contextlib.contextmanager
+    def grad_sync(self, enabled: bool):
+        """Skip the gradient reduction on micro-batches before the last of a step (each rank
+        accumulates locally; the last backward reduces the sum)."""
+        if self.root is None or enabled:
+            yield
+            return
+        if hasattr(self.root, "no_sync"):  # DDP
+            with self.root.no_sync():
+                yield
+            return
+        self.root.set_requires_gradient_sync(False)  # FSDP2
+        try:
+            yield
+        finally:
+            self.root.set_requires_gradient_sync(True)
+
+
+def wrapped(model) -> Wrapped:
+    """A model used outside a training stage (evaluation, generation), as a :class:`Wrapped`
+    of one process; a Wrapped is returned as it is."""
+    return model if isinstance(model, Wrapped) else Wrapped(model)
 
 
 def decoder_layers_of(model: nn.Module) -> list[nn.Module]:
@@ -215,8 +255,9 @@ def decoder_layers_of(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def wrap(model: nn.Module, dcfg, precision: str, device: torch.device) -> nn.Module:
-    """Shard (FSDP2) or replicate (DDP) ``model`` across the ranks; returns ``model`` itself.
+def wrap(model: nn.Module, dcfg, precision: str, device: torch.device) -> Wrapped:
+    """Shard (FSDP2) or replicate (DDP) ``model`` across the ranks; returns the handle every
+    pass goes through.
 
     FSDP2: ``fully_shard`` on every decoder layer, then on the root, with bf16 compute and
     fp32 gradient reduction for ``precision=bf16-mixed`` (the fp32 shards stay the master
@@ -224,7 +265,7 @@ def wrap(model: nn.Module, dcfg, precision: str, device: torch.device) -> nn.Mod
     In one process this does nothing.
     """
     if not active():
-        return model
+        return Wrapped(model)
     plan = resolve_plan(dcfg)
     if plan.cpu_offload and device.type == "cpu":
         raise UserError("distributed.cpu_offload moves GPU shards into CPU memory; these ranks run on the "
@@ -252,40 +293,7 @@ def wrap(model: nn.Module, dcfg, precision: str, device: torch.device) -> nn.Mod
         for layer in decoder_layers_of(model):
             fully_shard(layer, **kwargs)
         root = fully_shard(entry, **kwargs)
-    _ROOTS[model] = root
-    return model
-
-
-def through(model: nn.Module, fn, *args, **kwargs):
-    """``fn(model, *args, **kwargs)``, as a forward of the distributed root when there is one."""
-    root = _ROOTS.get(model)
-    if root is None:
-        return fn(model, *args, **kwargs)
-    return root(fn, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def grad_sync(model: nn.Module, enabled: bool):
-    """Skip the gradient reduction on micro-batches before the last of a step (each rank
-    accumulates locally; the last backward reduces the sum)."""
-    root = _ROOTS.get(model)
-    if root is None or enabled:
-        yield
-        return
-    if hasattr(root, "no_sync"):  # DDP
-        with root.no_sync():
-            yield
-        return
-    root.set_requires_gradient_sync(False)  # FSDP2
-    try:
-        yield
-    finally:
-        root.set_requires_gradient_sync(True)
-
-
-def sharded(model: nn.Module) -> bool:
-    """True when checkpoints of ``model`` must go through torch.distributed.checkpoint."""
-    return _ROOTS.get(model) is not None
+    return Wrapped(model, root)
 
 
 def plain_norm(norm) -> float:
@@ -296,13 +304,14 @@ def plain_norm(norm) -> float:
 
 
 @contextlib.contextmanager
-def gathered(model: nn.Module):
+def gathered(run: Wrapped):
     """Inside the block, rank 0's ``model`` holds ordinary full tensors (fp32 master weights,
     gathered from the shards) so ``save_pretrained`` and friends work; the other ranks get
     nothing and should only wait. Every rank must enter. In one process: the model as is.
 
     Meant for the end of a run: the model's FSDP state is not restored afterwards."""
-    if not sharded(model):
+    model = run.module
+    if not run.sharded:
         yield model
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -323,15 +332,15 @@ def gathered(model: nn.Module):
                 owner_name, _, leaf = name.rpartition(".")
                 owner = model.get_submodule(owner_name) if owner_name else model
                 owner._buffers[leaf] = b.full_tensor().cpu()
-    _ROOTS.pop(model, None)
+    run.root = None  # the model holds plain tensors now: passes run on it directly
     try:
         yield model if is_main() else None
     finally:
         barrier()
 
 
-def save_on_main(model: nn.Module, save: Callable[[nn.Module], object], path: Path) -> Path:
+def save_on_main(run: Wrapped, save: Callable[[nn.Module], object], path: Path) -> Path:
     """``save(model)`` on rank 0 with the full weights gathered (every rank must call this);
     returns the folder ``save`` reports, or ``path`` on the other ranks."""
-    with gathered(model) as full:
+    with gathered(run) as full:
         return Path(save(full)) if full is not None else Path(path)

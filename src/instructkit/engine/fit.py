@@ -52,7 +52,7 @@ class FitResult:
     stopped_early: bool
 
 
-def accumulate(model: torch.nn.Module, stage: Stage, specs: list) -> tuple[float, list]:
+def accumulate(run: D.Wrapped, stage: Stage, specs: list) -> tuple[float, list]:
     """Forward and backward over one optimizer step's micro-batches (this rank's share).
 
     Each micro-batch's summed loss is divided by the count of the WHOLE step over all ranks, so
@@ -65,7 +65,7 @@ def accumulate(model: torch.nn.Module, stage: Stage, specs: list) -> tuple[float
     denom = max(n, 1) / D.world_size()
     loss_sum, parts = torch.zeros(()), []  # summed where the loss is: one sync per step
     for i, batch in enumerate(batches):
-        with D.grad_sync(model, i == len(batches) - 1):
+        with run.grad_sync(i == len(batches) - 1):
             loss, part = stage.loss(batch)
             (loss / denom).backward()
         loss_sum = loss_sum.to(loss.device) + loss.detach().float()
@@ -75,7 +75,7 @@ def accumulate(model: torch.nn.Module, stage: Stage, specs: list) -> tuple[float
     return D.global_sum(float(loss_sum)) / max(n, 1), parts
 
 
-def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg: LogConfig,
+def fit(stage: Stage, run: D.Wrapped, optimizer, t: TrainConfig, log_cfg: LogConfig,
         out: Path, config_dict: dict, device: torch.device, precision: str, attn: str,
         resume: bool, allow_new_data: bool = False) -> FitResult:
     per_epoch = len(stage.plan(0))
@@ -84,11 +84,11 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
     stream = BatchStream(stage.plan)
     guard = StepGuard(t.max_nonfinite_steps, precision, attn, t.lr)
     identity = R.run_identity(stage.name, config_dict)  # checked on resume, kept in every checkpoint
-    start, loop, _ = (R.restore(out, model, optimizer, stream, guard, identity, allow_new_data) if resume
+    start, loop, _ = (R.restore(out, run, optimizer, stream, guard, identity, allow_new_data) if resume
                       else (0, R.new_loop_state(), {}))
 
     logger = MetricsLogger(out, log_cfg, config_dict, resume_step=start if resume else None, main=D.is_main())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in run.module.parameters() if p.requires_grad)
     logger.log(start, {"event": "start", "total_steps": total, "effective_batch_size": effective_batch_size(t, world),
                        "world_size": world,
                        "trainable_params": trainable, **stage.start_metrics})
@@ -96,17 +96,17 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
         logger.log(0, first)
     bar = ProgressBar(total, start, log_cfg.progress and D.is_main(), stage.name)
 
-    model.train()
+    run.module.train()
     loss, stopped_early, eval_metrics = float("nan"), False, {}
     t0, tokens = time.perf_counter(), 0
     step = start
     while step < total:
         set_lr(optimizer, lr_multiplier(step, total, t))
         specs = stream.take(accumulation(t, world) * world)  # the same global list on every rank
-        loss, parts = accumulate(model, stage, D.rank_slice(specs))  # the loss: over all ranks
+        loss, parts = accumulate(run, stage, D.rank_slice(specs))  # the loss: over all ranks
         extra = stage.metrics(parts) if stage.metrics is not None else {}
         tokens += stage.tokens(specs)
-        result = optimizer_step(model, optimizer, t.max_grad_norm, guard, loss, step)
+        result = optimizer_step(run.module, optimizer, t.max_grad_norm, guard, loss, step)
         step += 1
         if R.due(step, log_cfg.every, total):
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -127,7 +127,7 @@ def fit(stage: Stage, model: torch.nn.Module, optimizer, t: TrainConfig, log_cfg
                 logger.log(step, eval_metrics)
                 stopped_early = R.early_stop(loop, eval_metrics.get("eval_loss"), t.early_stopping_patience)
         if R.due(step, t.save_every) or stopped_early:
-            R.save(out, step, model, optimizer, loop, stream, guard, t.keep_last, identity=identity)
+            R.save(out, step, run, optimizer, loop, stream, guard, t.keep_last, identity=identity)
         if stopped_early:
             logger.log(step, {"event": "early_stop", "best_eval_loss": loop["best_eval"]})
             break

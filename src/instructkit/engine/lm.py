@@ -96,14 +96,17 @@ def lm_loss_sum(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def evaluate_lm(model, batches, device, precision: str, chunk_size: int = 0) -> dict:
-    """Token-weighted mean loss and perplexity over collated batches."""
+    """Token-weighted mean loss and perplexity over collated batches (``model``: a stage's
+    :class:`~instructkit.engine.distributed.Wrapped`, or a plain model outside training)."""
+    run = D.wrapped(model)
+    model = run.module
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(precision, device):
-            loss, n = D.through(model, lm_loss_sum, batch, chunk_size)
+            loss, n = run(lm_loss_sum, batch, chunk_size)
         total += float(loss)
         count += n
     if was_training:
@@ -117,11 +120,11 @@ def target_count(batch: dict) -> int:
     return int((batch["target_ids"] != IGNORE_INDEX).sum())
 
 
-def lm_loss(model, batch: dict, device, precision: str, chunk_size: int = 0) -> tuple[torch.Tensor, None]:
+def lm_loss(run: D.Wrapped, batch: dict, device, precision: str, chunk_size: int = 0) -> tuple[torch.Tensor, None]:
     """A collated LM batch's summed next-token loss on ``device`` (``Stage.loss``; no metrics part)."""
     batch = to_device(batch, device)
     with autocast(precision, device):
-        loss, _ = D.through(model, lm_loss_sum, batch, chunk_size)
+        loss, _ = run(lm_loss_sum, batch, chunk_size)
     return loss, None
 
 

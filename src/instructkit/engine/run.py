@@ -202,7 +202,7 @@ def intact_checkpoint(ckpt_root: Path) -> Path | None:
     return ckpt
 
 
-def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: StepGuard,
+def restore(output_dir: Path, run: D.Wrapped, optimizer, stream: BatchStream, guard: StepGuard,
             identity: dict | None = None, allow_new_data: bool = False) -> tuple[int, dict, dict]:
     """Load the newest intact checkpoint into the model, optimizer, batch stream, guard and RNG,
     once its identity matches this run's (``check_identity``).
@@ -216,14 +216,14 @@ def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: Step
     if identity is not None:
         check_identity(last, C.read_state(last).get("identity"), identity, allow_new_data)
     if C.is_sharded_checkpoint(last):
-        restored = C.load_sharded_checkpoint(last, model, optimizer)
-    elif D.sharded(model):
+        restored = C.load_sharded_checkpoint(last, run.module, optimizer)
+    elif run.sharded:
         raise UserError(
             f"{last} was written by a single process and cannot be resumed by several; resume it "
             "without torchrun, or start the distributed run in a new output_dir"
         )
     else:
-        restored = C.load_checkpoint(last, model, optimizer)
+        restored = C.load_checkpoint(last, run.module, optimizer)
     loop = restored["loop"]
     stream.load_state_dict(loop.pop("stream"))
     guard.total = loop.pop("skipped_steps", 0)
@@ -231,26 +231,27 @@ def restore(output_dir: Path, model, optimizer, stream: BatchStream, guard: Step
     return restored["step"], loop, restored["extra"]
 
 
-def save(output_dir: Path, step: int, model, optimizer, loop: dict, stream: BatchStream,
+def save(output_dir: Path, step: int, run: D.Wrapped, optimizer, loop: dict, stream: BatchStream,
          guard: StepGuard, keep_last: int, extra_tensors: dict | None = None,
          identity: dict | None = None) -> Path:
     state = {**loop, "stream": stream.state_dict(), "skipped_steps": guard.total}
     root = Path(output_dir) / "checkpoints"
     with explain_disk_full(root, f"the checkpoint of step {step}", resume_hint(output_dir)):
-        if D.sharded(model):
+        if run.sharded:
             if extra_tensors:
                 raise UserError("this stage keeps extra tensors in its checkpoints, which sharded runs do not support yet")
-            return C.save_sharded_checkpoint(root, step, model, optimizer, state, get_rng_state(), keep_last, identity)
-        return C.save_checkpoint(root, step, model, optimizer, state, get_rng_state(), keep_last, extra_tensors,
+            return C.save_sharded_checkpoint(root, step, run.module, optimizer, state, get_rng_state(), keep_last,
+                                             identity)
+        return C.save_checkpoint(root, step, run.module, optimizer, state, get_rng_state(), keep_last, extra_tensors,
                                  identity)
 
 
-def publish_final(output_dir: Path, model, save: Callable[[object], object]) -> Path:
+def publish_final(output_dir: Path, run: D.Wrapped, save: Callable[[object], object]) -> Path:
     """``save(full_model)`` on rank 0 (the weights gathered from the shards under torchrun), the
     stage's own writer of ``output_dir/final``; a full disk is one line saying what is intact."""
     final = Path(output_dir) / "final"
     with explain_disk_full(final, "the final model", resume_hint(output_dir)):
-        return D.save_on_main(model, save, final)
+        return D.save_on_main(run, save, final)
 
 
 def resume_hint(output_dir: Path) -> str:

@@ -9,7 +9,6 @@ variant is its own pure function in ``instructkit.preference_losses``; the loop 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,17 +57,19 @@ class Reference:
     """Reference log-probs: the adapter switched off, a frozen copy, or a precomputed table."""
 
     def __init__(self, policy, copy=None):
-        self.policy, self.copy = policy, copy
+        self.policy, self.copy = dist.wrapped(policy), copy  # the stage's Wrapped policy (or a plain one)
         self.table: dict[tuple[str, int], torch.Tensor] | None = None
 
     @torch.no_grad()
     def logps(self, batch: dict, average: bool) -> torch.Tensor:
-        model = self.copy if self.copy is not None else self.policy
+        model = self.copy if self.copy is not None else self.policy.module
         was_training = model.training
         model.eval()  # no dropout in the reference
-        off = self.policy.disable_adapter() if self.copy is None else contextlib.nullcontext()
-        with off:
-            out = dist.through(model, completion_logps, batch, average)
+        if self.copy is not None:  # replicated on every rank, never wrapped: a plain call
+            out = completion_logps(self.copy, batch, average)
+        else:
+            with self.policy.module.disable_adapter():
+                out = self.policy(completion_logps, batch, average)
         model.train(was_training)
         return out
 
@@ -85,9 +86,10 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
         M.check_context_length(policy, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
         if cfg.dpo.disable_dropout:
             M.disable_dropout(policy)
-        ref = Reference(policy, copy=None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path
-                        else frozen_reference(cfg, tokenizer, device))
-    dist.wrap(policy, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
+        copy = (None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path
+                else frozen_reference(cfg, tokenizer, device))
+    wrapped = dist.wrap(policy, cfg.distributed, cfg.model.precision, device)  # every pass goes through it
+    ref = Reference(wrapped, copy)
     optimizer = build_optimizer(policy, cfg.train, device)
     R.write_config(cfg, out)
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
@@ -114,7 +116,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
     def pair_terms(split_name, split, groups, batch=None):
         batch = to_device(batch, device) if batch is not None else rows(split, groups)
         with autocast(precision, device):
-            policy_lp = dist.through(policy, completion_logps, batch, average)  # [R]
+            policy_lp = wrapped(completion_logps, batch, average)  # [R]
         ref_lp = ref_logps(split_name, split, groups, batch)  # [R]
         b, w = batch["pairs"][:, 0], batch["pairs"][:, 1]
         return policy_lp[b], policy_lp[w], ref_lp[b], ref_lp[w]
@@ -151,7 +153,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
 
     def on_step(step: int, logger) -> None:  # the policy's greedy answers, as in SFT
         if R.due(step, cfg.log.generation_freq):
-            log_samples(policy, tokenizer, cfg, step, out, logger)
+            log_samples(wrapped, tokenizer, cfg, step, out, logger)
 
     stage = Stage(
         name="dpo", plan=plan, collate=collate, count=lambda batch: len(batch["pairs"]), loss=loss,
@@ -159,9 +161,9 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )
-    result = fit(stage, policy, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
+    result = fit(stage, wrapped, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
-    final = R.publish_final(out, policy, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model,
+    final = R.publish_final(out, wrapped, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model,
                                                                     cfg.adapter))
     R.release_output_dir(out)
     return DPOResult(out, Path(final), result.steps, result.loss, result.eval_metrics, policy, tokenizer)

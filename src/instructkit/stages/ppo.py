@@ -104,6 +104,9 @@ class Actors:
             self.value_model = M.load_reward_model(value_cfg, AdapterConfig(kind="none"), tokenizer, device)
             M.disable_dropout(self.value_model)
             self.trainable = nn.ModuleDict({"policy": self.policy, "value": self.value_model})
+        # every pass of the trainable models goes through this; run() replaces it with the
+        # distributed handle under torchrun
+        self.wrapped = dist.wrapped(self.trainable)
 
     # -- adapters (shared layout) -------------------------------------------------------
     def use(self, name: str) -> None:
@@ -151,7 +154,7 @@ class Actors:
     def run(self, fn):
         """``fn()`` as one forward of the distributed root (FSDP2 gathers the sharded policy
         and value model there); in one process just ``fn()``."""
-        return dist.through(self.trainable, lambda _module: fn())
+        return self.wrapped(lambda _module: fn())
 
     def frozen_to(self, device) -> None:
         for m in (self.ref_copy, self.reward_model):
@@ -286,7 +289,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
         actors = Actors(cfg, tokenizer, device)
     # torchrun: the policy and value model are sharded with FSDP2; the frozen reward model and
     # reference copy are replicated on every rank.
-    dist.wrap(actors.trainable, cfg.distributed, cfg.policy.precision, device)
+    actors.wrapped = dist.wrap(actors.trainable, cfg.distributed, cfg.policy.precision, device)
     stop_ids = rollout_stop_ids(cfg, tokenizer, actors.policy)
     reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalization() == "stored"
                     else (0.0, 1.0))
@@ -309,7 +312,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
               else rl.FixedKLController(p.kl_coef))
     moments = rl.RunningMoments()
     identity = R.run_identity("ppo", redact(to_dict(cfg)))
-    start, loop, _ = (R.restore(out, actors.trainable, optimizer, stream, guard, identity, allow_new_data) if resume
+    start, loop, _ = (R.restore(out, actors.wrapped, optimizer, stream, guard, identity, allow_new_data) if resume
                       else (0, R.new_loop_state(), {}))
     if "kl_ctl" in loop:
         kl_ctl.load_state_dict(loop["kl_ctl"]), moments.load_state_dict(loop["moments"])
@@ -353,9 +356,9 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
         if ptx is not None:
             loop["ptx_stream"] = ptx.stream.state_dict()
         if R.due(step, t.save_every):
-            R.save(out, step, actors.trainable, optimizer, loop, stream, guard, t.keep_last, identity=identity)
+            R.save(out, step, actors.wrapped, optimizer, loop, stream, guard, t.keep_last, identity=identity)
     bar.close()
-    final = R.publish_final(out, actors.trainable, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"))
+    final = R.publish_final(out, actors.wrapped, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"))
     logger.log(step, {"event": "end"})
     logger.close()
     R.release_output_dir(out)

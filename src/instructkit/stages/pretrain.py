@@ -115,7 +115,7 @@ def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False)
         )
     model = build_model(cfg, tokenizer, device, seed=t.seed)
     warn_if_unchunked(model, t.loss_chunk_size)
-    dist.wrap(model, cfg.distributed, precision, device)  # torchrun: FSDP2 or DDP
+    wrapped = dist.wrap(model, cfg.distributed, precision, device)  # every pass goes through it
     optimizer = build_optimizer(model, t, device)
     R.write_config(cfg, out)
 
@@ -126,22 +126,22 @@ def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False)
         batches = corpus.eval_plan(d.seq_len, t.micro_batch_size, d.val_fraction)[: t.eval_max_batches or None]
         if not batches:
             return {}
-        r = evaluate_lm(model, (corpus.collate(s, d.seq_len) for s in batches), device, precision,
+        r = evaluate_lm(wrapped, (corpus.collate(s, d.seq_len) for s in batches), device, precision,
                         t.loss_chunk_size)
         return {"eval_loss": r["loss"], "eval_ppl": r["ppl"]}
 
     stage = Stage(
         name="pretrain", plan=plan, collate=lambda starts: corpus.collate(starts, d.seq_len), count=target_count,
-        loss=lambda batch: lm_loss(model, batch, device, precision, t.loss_chunk_size), evaluate=evaluate,
+        loss=lambda batch: lm_loss(wrapped, batch, device, precision, t.loss_chunk_size), evaluate=evaluate,
         tokens=lambda planned: sum(len(starts) for starts in planned) * d.seq_len,
         start_metrics={"data_tokens": corpus.n_tokens, "data_documents": corpus.n_documents,
                        "data_train_windows": len(train_starts), "data_val_windows": len(val_starts),
                        "data_corpus_rebuilt": corpus.rebuilt, "vocab_size": len(tokenizer)},
     )
-    result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
+    result = fit(stage, wrapped, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
     shape = cfg.model.shape or "custom"
-    final = R.publish_final(out, model, lambda full: M.save_final(full, tokenizer, out / "final",
+    final = R.publish_final(out, wrapped, lambda full: M.save_final(full, tokenizer, out / "final",
                                                                    ModelConfig(name_or_path=f"scratch:{shape}")))
     R.release_output_dir(out)
     return PretrainResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),

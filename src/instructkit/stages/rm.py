@@ -46,11 +46,11 @@ def group_sizes(batch: dict) -> list[int]:
     return torch.bincount(batch["group"]).tolist()
 
 
-def score_batch(model, batch: dict, device, precision: str) -> torch.Tensor:
+def score_batch(wrapped: dist.Wrapped, batch: dict, device, precision: str) -> torch.Tensor:
     """Rewards [R] of a collated preference batch (rows: groups in order, best first)."""
     batch = to_device(batch, device)
     with autocast(precision, device):
-        return dist.through(model, M.reward_scores, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return wrapped(M.reward_scores, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
 
 
 def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RMResult:
@@ -65,7 +65,7 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
         M.check_context_length(model, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
         if cfg.rm.disable_dropout:
             M.disable_dropout(model)
-    dist.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
+    wrapped = dist.wrap(model, cfg.distributed, cfg.model.precision, device)  # every pass goes through it
     optimizer = build_optimizer(model, cfg.train, device)
     R.write_config(cfg, out)
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
@@ -76,7 +76,7 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
 
     def losses(batch: dict):
         """(per-group ranking losses [G], centering term over pairs, better [P], worse [P])."""
-        rewards = score_batch(model, batch, device, precision)  # [R]
+        rewards = score_batch(wrapped, batch, device, precision)  # [R]
         sizes = group_sizes(batch)
         better, worse, _ = ranked_pairs(sizes, device=rewards.device)
         per_group = ranked_reward_loss(rewards, sizes, cfg.rm.margin or None)  # [G]
@@ -112,10 +112,10 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
     )
-    result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
+    result = fit(stage, wrapped, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
-    mean, std = reward_statistics(model, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
-    final = R.publish_final(out, model, lambda full: M.save_reward_model(full, tokenizer, out / "final", cfg.model,
+    mean, std = reward_statistics(wrapped, pref.train[: cfg.rm.stats_max_groups], pad, t.micro_batch_size, device, precision)
+    final = R.publish_final(out, wrapped, lambda full: M.save_reward_model(full, tokenizer, out / "final", cfg.model,
                                                                           mean, std))
     R.release_output_dir(out)
     return RMResult(out, Path(final), result.steps, result.loss, result.eval_metrics, mean, std, model, tokenizer)
@@ -123,12 +123,15 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
 
 @torch.no_grad()
 def reward_statistics(model, examples, pad_id: int, groups_per_batch: int, device, precision: str) -> tuple[float, float]:
-    """Mean and std of the rewards of every response in ``examples`` (PPO normalises with them)."""
+    """Mean and std of the rewards of every response in ``examples`` (PPO normalises with them);
+    ``model``: the stage's Wrapped, or a plain reward model."""
+    wrapped = dist.wrapped(model)
+    model = wrapped.module
     model.eval()
     scores = []
     for start in range(0, len(examples), groups_per_batch):
         groups = list(range(start, min(start + groups_per_batch, len(examples))))
-        scores.append(score_batch(model, D.collate_preference(examples, groups, pad_id), device, precision))
+        scores.append(score_batch(wrapped, D.collate_preference(examples, groups, pad_id), device, precision))
     model.train()
     allr = torch.cat(scores) if scores else torch.zeros(1)
     return float(allr.mean()), float(allr.std(correction=0))

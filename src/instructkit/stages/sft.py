@@ -46,7 +46,7 @@ def run(cfg: SFTConfig, resume: bool = False, allow_new_data: bool = False) -> S
         model = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
     M.check_context_length(model, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
     warn_if_unchunked(model, cfg.train.loss_chunk_size)
-    D.wrap(model, cfg.distributed, cfg.model.precision, device)  # torchrun: FSDP2 or DDP
+    wrapped = D.wrap(model, cfg.distributed, cfg.model.precision, device)  # every pass goes through it
     optimizer = build_optimizer(model, cfg.train, device)
     R.write_config(cfg, out)
     t, precision = cfg.train, cfg.model.precision
@@ -68,24 +68,24 @@ def run(cfg: SFTConfig, resume: bool = False, allow_new_data: bool = False) -> S
         metrics = {}
         for name, examples in (("eval", sft_data.val), ("golden", sft_data.golden)):
             if examples:
-                r = evaluate_lm(model, eval_batches(examples), device, precision, t.loss_chunk_size)
+                r = evaluate_lm(wrapped, eval_batches(examples), device, precision, t.loss_chunk_size)
                 metrics[f"{name}_loss"], metrics[f"{name}_ppl"] = r["loss"], r["ppl"]
         return metrics
 
     def on_step(step: int, logger) -> None:
         if R.due(step, cfg.log.generation_freq):
-            log_samples(model, tokenizer, cfg, step, out, logger)
+            log_samples(wrapped, tokenizer, cfg, step, out, logger)
 
     stage = Stage(
         name="sft", plan=plan, collate=lambda rows: collate(rows, sft_data.train), count=target_count,
-        loss=lambda batch: lm_loss(model, batch, device, precision, t.loss_chunk_size),
+        loss=lambda batch: lm_loss(wrapped, batch, device, precision, t.loss_chunk_size),
         evaluate=evaluate, on_step=on_step,
         tokens=lambda planned: sum(lengths[i] for rows in planned for row in rows for i in row),
         start_metrics={f"data_{k}": v for k, v in sft_data.stats.items()},
     )
-    result = fit(stage, model, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
+    result = fit(stage, wrapped, optimizer, t, cfg.log, out, redact(to_dict(cfg)), device, precision,
                  cfg.model.attn_implementation, resume, allow_new_data)
-    final = R.publish_final(out, model, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter))
+    final = R.publish_final(out, wrapped, lambda full: M.save_final(full, tokenizer, out / "final", cfg.model, cfg.adapter))
     R.release_output_dir(out)
     return SFTResult(out, Path(final), result.steps, result.loss, result.eval_metrics.get("eval_loss"),
                      result.stopped_early, model, tokenizer)
