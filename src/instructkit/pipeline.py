@@ -66,17 +66,17 @@ class PipelineConfig:
 
 def load_pipeline_config(path, overrides=()) -> PipelineConfig:
     """Like ``load_config``, with the pretrain and eval sections typed by their own schemas."""
-    from instructkit import config as C
+    from instructkit import config as schema
 
     data, lines, source = {}, {}, "<defaults>"
     given: dict[str, dict] = {}  # each section as the user wrote it (before presets)
     if path is not None:
-        data, lines = C.read_yaml_with_lines(Path(path))
+        data, lines = schema.read_yaml_with_lines(Path(path))
         source = str(path)
     in_file = copy.deepcopy(data)
     for item in overrides:
-        key, value = C.parse_override(item)
-        C.set_dotted(data, key, value)
+        key, value = schema.parse_override(item)
+        schema.set_dotted(data, key, value)
         lines[key] = 0
     sections = {}
     for name, factory in (("pretrain", _pretrain_config), ("eval", _eval_config)):
@@ -86,7 +86,7 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
         if raw is not None:
             cls = type(factory())
             raw = {"model": "", **raw} if name == "eval" else raw
-            sections[name] = C.from_dict(cls, raw, f"{name}.", source, lines)
+            sections[name] = schema.from_dict(cls, raw, f"{name}.", source, lines)
     given.update({name: data[name] for name in ("sft", "rm", "ppo", "dpo") if isinstance(data.get(name), dict)})
     for name in ("sft", "rm", "ppo", "dpo"):  # a stage section may name a preset too
         raw = data.get(name)
@@ -94,8 +94,8 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
             adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else {}
             from instructkit.presets import preset_values
 
-            data[name] = C.deep_merge(preset_values(str(raw["preset"]), adapter.get("kind", "none") == "none"), raw)
-    cfg = C.from_dict(PipelineConfig, data, "", source, lines)
+            data[name] = schema.deep_merge(preset_values(str(raw["preset"]), adapter.get("kind", "none") == "none"), raw)
+    cfg = schema.from_dict(PipelineConfig, data, "", source, lines)
     for name, value in sections.items():
         setattr(cfg, name, value)
     for name in ("pretrain", "eval"):
@@ -112,7 +112,7 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
     for name in cfg.stages:  # a key set in a listed stage's section is read by that stage
         if name in given:
             section = in_file.get(name) if isinstance(in_file.get(name), dict) else {}
-            C.check_given(getattr(cfg, name), given[name], source, lines, env_world_size(), prefix=f"{name}.",
+            schema.check_given(getattr(cfg, name), given[name], source, lines, env_world_size(), prefix=f"{name}.",
                           in_file={"model": "", **section} if name == "eval" else section)
     return cfg
 

@@ -101,7 +101,7 @@ def _is_train(rec: dict) -> bool:
 
 
 @dataclass
-class Stage:
+class StageFolder:
     name: str
     path: Path
     records: list[dict] = field(default_factory=list)
@@ -135,7 +135,7 @@ def _stage_sort_key(name: str):
     return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
 
 
-def find_stages(run_dir: Path, stages: list[str] | None = None) -> list[Stage]:
+def find_stages(run_dir: Path, stages: list[str] | None = None) -> list[StageFolder]:
     """The stage folders of ``run_dir`` (or ``run_dir`` itself when it holds metrics.jsonl)."""
     from instructkit.errors import UserError
 
@@ -152,7 +152,7 @@ def find_stages(run_dir: Path, stages: list[str] | None = None) -> list[Stage]:
             dirs = [(s, found[s]) for s in stages]
         else:
             dirs = [(n, found[n]) for n in sorted(found, key=_stage_sort_key)]
-    return [Stage(n, p, read_jsonl(p / "metrics.jsonl"), read_jsonl(p / "samples.jsonl")) for n, p in dirs]
+    return [StageFolder(n, p, read_jsonl(p / "metrics.jsonl"), read_jsonl(p / "samples.jsonl")) for n, p in dirs]
 
 
 def find_eval_reports(run_dir: Path) -> list[tuple[Path, dict]]:
@@ -217,7 +217,7 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "stage"
 
 
-def final_tables(stage: Stage) -> list[tuple[str, list[tuple[str, str]]]]:
+def final_tables(stage: StageFolder) -> list[tuple[str, list[tuple[str, str]]]]:
     """[(caption, [(metric, value)])] for the last train record and the last eval record."""
     tables = []
     train = stage.train
@@ -286,7 +286,7 @@ def sample_view(samples: list[dict]) -> SampleView:
 # plots
 
 
-def plot_stage(stage: Stage) -> bytes | None:
+def plot_stage(stage: StageFolder) -> bytes | None:
     """One PNG with a subplot per panel that has data; None when nothing can be plotted."""
     panels = []
     for title, keys in PANELS:

@@ -1,5 +1,5 @@
 """PPO rollouts: sample responses to prompts, then score them and compute the per-token
-log-probs and values that ``instructkit.rl`` turns into rewards and advantages.
+log-probs and values that ``instructkit.losses.rl`` turns into rewards and advantages.
 
 Layout of a :class:`RolloutBatch` (``B`` rows, ``P`` prompt columns, ``T`` response columns)::
 
@@ -38,10 +38,10 @@ from torch import nn
 
 from instructkit.errors import UserError
 from instructkit.generate import left_pad, stop_token_ids
-from instructkit.losses import IGNORE_INDEX, token_logprobs
+from instructkit.losses.sft import IGNORE_INDEX, token_logprobs
 from instructkit.models.adapters import unwrap
 from instructkit.models.heads import backbone, position_ids_from_mask, reward_scores, score_head
-from instructkit.rl import entropy_from_logits
+from instructkit.losses.rl import entropy_from_logits
 
 log = logging.getLogger("instructkit.rollout")
 

@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from instructkit import rl
+from instructkit.losses import rl
 from instructkit.engine import distributed as D
 
 D.init("gloo")

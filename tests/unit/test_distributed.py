@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instructkit import rl
+from instructkit.losses import rl
 from instructkit.config import DistributedConfig, Plan, PPOConfig, SFTConfig, accumulation, load_config, resolve_plan
 from instructkit.engine import distributed as D
 from instructkit.errors import ConfigError, UserError

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from instructkit.losses import chunked_cross_entropy_sum, masked_mean, sft_loss_sum, token_logprobs
+from instructkit.losses.sft import chunked_cross_entropy_sum, masked_mean, sft_loss_sum, token_logprobs
 
 
 def test_token_logprobs_by_hand():

@@ -15,7 +15,7 @@ from instructkit.models import (
     reward_scores,
     save_reward_model,
 )
-from instructkit.preference_losses import pairwise_reward_loss
+from instructkit.losses.preference import pairwise_reward_loss
 
 EOS = 1020  # tiny tokenizer: <|end_of_text|>
 PAD = 1021  # <|pad|>

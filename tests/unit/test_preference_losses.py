@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from instructkit.losses import token_logprobs
-from instructkit.preference_losses import (
+from instructkit.losses.sft import token_logprobs
+from instructkit.losses.preference import (
     dpo_conservative_loss,
     dpo_hinge_loss,
     dpo_logits,

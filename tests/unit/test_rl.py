@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from instructkit.rl import (
+from instructkit.losses.rl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,

@@ -2,7 +2,7 @@
 
 The same batch goes through TRL's trainers (``DPOTrainer.compute_loss``,
 ``RewardTrainer.compute_loss``, TRL's own collators and forward passes) and through ours
-(``instructkit.losses.token_logprobs`` + ``preference_losses``; ``reward_scores``), on twin
+(``instructkit.losses.sft.token_logprobs`` + ``preference_losses``; ``reward_scores``), on twin
 models built from the same seeds, all in fp32 (TRL's configs default to bf16 autocast,
 switched off here). The losses must agree to 1e-4.
 """
@@ -13,10 +13,10 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from instructkit.losses import IGNORE_INDEX, token_logprobs  # noqa: E402
+from instructkit.losses.sft import IGNORE_INDEX, token_logprobs  # noqa: E402
 from instructkit.models.heads import reward_scores  # noqa: E402
 from instructkit.models.tiny import build_tiny_model, tiny_tokenizer  # noqa: E402
-from instructkit.preference_losses import (  # noqa: E402
+from instructkit.losses.preference import (  # noqa: E402
     dpo_conservative_loss,
     dpo_hinge_loss,
     dpo_metrics,

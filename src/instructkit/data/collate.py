@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from instructkit.losses.sft import IGNORE_INDEX
+
 
 
 def collate(

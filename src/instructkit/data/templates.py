@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from instructkit.errors import DataError
+from instructkit.losses.sft import IGNORE_INDEX  # the label no loss is computed for
 
-IGNORE_INDEX = -100
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "

@@ -9,7 +9,7 @@ import torch
 
 from instructkit.engine import distributed as D
 from instructkit.engine.runtime import autocast
-from instructkit.losses import IGNORE_INDEX, chunked_cross_entropy_sum, sft_loss_sum
+from instructkit.losses.sft import IGNORE_INDEX, chunked_cross_entropy_sum, sft_loss_sum
 
 log = logging.getLogger("instructkit.engine")
 
@@ -134,8 +134,8 @@ def completion_logps(model, batch: dict, average: bool = False) -> torch.Tensor:
     ``batch`` is collated with a [R, L] padding mask and shifted ``target_ids``; the sum over
     the completion, or its per-token mean with ``average=True``.
     """
-    from instructkit.preference_losses import sequence_logprobs
-    from instructkit.losses import token_logprobs
+    from instructkit.losses.preference import sequence_logprobs
+    from instructkit.losses.sft import token_logprobs
 
     logits = model(**model_inputs(batch)).logits  # [R, L, V]
     targets = batch["target_ids"]

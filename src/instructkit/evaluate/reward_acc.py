@@ -51,7 +51,7 @@ def reward_accuracy(model, tokenizer, sec, device, precision: str = "fp32") -> d
     from instructkit.engine.runtime import autocast
     from instructkit.evaluate.perplexity import renamed
     from instructkit.models import reward_scores
-    from instructkit.preference_losses import reward_metrics
+    from instructkit.losses.preference import reward_metrics
 
     try:
         pref = build_preference_data(sec.data_config(), tokenizer, seed=0)

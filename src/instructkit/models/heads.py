@@ -9,7 +9,7 @@ LoRA/DoRA/QLoRA adapter the head is in peft's ``modules_to_save`` and is always 
 ``model.freeze_layers`` freezes the embeddings and the first N decoder layers as for SFT.
 
 Scores are read at the last real token of each sequence, found from the attention mask
-(:func:`instructkit.preference_losses.last_token_index`), not from pad ids as transformers'
+(:func:`instructkit.losses.preference.last_token_index`), not from pad ids as transformers'
 own ``forward`` does: that picks the wrong token when pad == eos, and without position ids it
 shifts the positions of left-padded rows.
 """
@@ -32,7 +32,7 @@ from instructkit.models.adapters import unwrap
 from instructkit.models.load import load_model
 from instructkit.models.save import META_FILE
 from instructkit.models.sources import resolve_source
-from instructkit.preference_losses import gather_last, last_token_index
+from instructkit.losses.preference import gather_last, last_token_index
 
 log = logging.getLogger("instructkit.models")
 
@@ -47,7 +47,7 @@ DeepSpeed-Chat's reward model found the end of a sequence by searching ``input_i
 pad id and took the ``num_padding_at_beginning``-th hit, skipping that many pad-id tokens at
 the start ("OPT model has a fixed number (1) of padding tokens at the beginning of the input":
 OPT sequences open with ``</s>``, the id those scripts also padded with). The search depends on
-token ids; :func:`reward_scores` uses :func:`~instructkit.preference_losses.last_token_index`
+token ids; :func:`reward_scores` uses :func:`~instructkit.losses.preference.last_token_index`
 of the attention mask instead, which needs no per-model offset. The config loader turns the
 key into a ConfigError with this message."""
 

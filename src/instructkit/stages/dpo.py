@@ -3,7 +3,7 @@
 The reference is, with LoRA/DoRA, the same base with the adapter switched off (one copy of
 the weights in memory); for full fine-tuning, a frozen copy. With ``dpo.precompute_ref`` the
 reference log-probs are computed once before training and the copy is freed. Each loss
-variant is its own pure function in ``instructkit.preference_losses``; the loop is the shared
+variant is its own pure function in ``instructkit.losses.preference``; the loop is the shared
 ``instructkit.engine.fit``.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from instructkit import data as D
+from instructkit import data
 from instructkit import models as M
 from instructkit.models import resolve_device
 from instructkit.config import AdapterConfig, DPOConfig, to_dict
@@ -27,7 +27,7 @@ from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import autocast, seed_everything
 from instructkit.generate import log_samples
-from instructkit.preference_losses import (
+from instructkit.losses.preference import (
     dpo_conservative_loss, dpo_hinge_loss, dpo_metrics, dpo_sigmoid_loss, ipo_loss,
 )
 
@@ -81,7 +81,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
     seed_everything(cfg.train.seed)
     with dist.main_first():  # rank 0 fills the model caches first
         tokenizer = M.load_tokenizer(cfg.model)
-        pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        pref = data.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         policy = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
         M.check_context_length(policy, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
         if cfg.dpo.disable_dropout:
@@ -97,7 +97,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
     loss_of = loss_fn(cfg)
 
     def rows(split, groups):
-        return to_device(D.collate_preference(split, groups, pad), device)
+        return to_device(data.collate_preference(split, groups, pad), device)
 
     def ref_logps(split_name, split, groups, batch) -> torch.Tensor:
         if ref.table is not None:
@@ -122,11 +122,11 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
         return policy_lp[b], policy_lp[w], ref_lp[b], ref_lp[w]
 
     def plan(epoch: int):
-        return D.plan_preference_batches([len(e.responses) for e in pref.train], t.micro_batch_size,
+        return data.plan_preference_batches([len(e.responses) for e in pref.train], t.micro_batch_size,
                                          seed=t.seed, epoch=epoch)
 
     def collate(groups: list) -> dict:  # the group indices ride along for the reference table
-        return {**D.collate_preference(pref.train, groups, pad), "groups": groups}
+        return {**data.collate_preference(pref.train, groups, pad), "groups": groups}
 
     def loss(batch: dict):  # summed over the batch's pairs: fit divides by the step's
         pc, pr, rc, rr = pair_terms("train", pref.train, batch["groups"], batch)
@@ -141,7 +141,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
         if not pref.val:
             return {}
         policy.eval()
-        plan_val = D.plan_preference_batches([len(e.responses) for e in pref.val], t.micro_batch_size, seed=0, epoch=0)
+        plan_val = data.plan_preference_batches([len(e.responses) for e in pref.val], t.micro_batch_size, seed=0, epoch=0)
         losses, terms = [], []
         for groups in plan_val[: t.eval_max_batches or None]:
             pc, pr, rc, rr = pair_terms("val", pref.val, groups)

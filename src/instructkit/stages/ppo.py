@@ -3,7 +3,7 @@
 Each PPO step: sample responses to a batch of prompts (KV cache), score them, compute the
 old and reference log-probs and the values, turn scores and per-token KL into rewards,
 GAE advantages, then a few epochs of clipped policy and value updates over mini-batches.
-The maths are pure functions in ``instructkit.rl``; sampling and the log-prob / value /
+The maths are pure functions in ``instructkit.losses.rl``; sampling and the log-prob / value /
 score passes are ``instructkit.rollout``.
 
 Two memory layouts:
@@ -31,7 +31,7 @@ from torch import nn
 
 from instructkit import models as M
 from instructkit.models import resolve_device
-from instructkit import rl
+from instructkit.losses import rl
 from instructkit import rollout as RO
 from instructkit.atomic import replace_dir
 from instructkit.config import AdapterConfig, PPOConfig, to_dict
@@ -460,16 +460,16 @@ class PtxSource:
     """InstructGPT's pretraining mix: an SFT batch's LM loss added to the policy loss."""
 
     def __init__(self, cfg: PPOConfig, tokenizer, device):
-        from instructkit import data as D
+        from instructkit import data
 
         data_cfg = replace(cfg.data, train=cfg.ppo.ptx_data, format="auto", val_fraction=0.0, golden=None,
                            validation=None)
-        self.examples = D.build_sft_data(data_cfg, tokenizer, seed=cfg.train.seed).train
+        self.examples = data.build_sft_data(data_cfg, tokenizer, seed=cfg.train.seed).train
         lengths = [len(e["input_ids"]) for e in self.examples]
-        self.stream = BatchStream(lambda epoch: D.plan_micro_batches(
+        self.stream = BatchStream(lambda epoch: data.plan_micro_batches(
             lengths, cfg.ppo.mini_batch_size, data_cfg.max_seq_len, data_cfg.packing, data_cfg.group_by_length,
             seed=cfg.train.seed, epoch=epoch))
-        self.collate = functools.partial(D.collate, pad_id=tokenizer.pad_token_id,
+        self.collate = functools.partial(data.collate, pad_id=tokenizer.pad_token_id,
                                          attn_implementation=cfg.policy.attn_implementation)
         self.device, self.chunk_size = device, cfg.train.loss_chunk_size
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from instructkit import data as D
+from instructkit import data
 from instructkit import models as M
 from instructkit.models import resolve_device
 from instructkit.config import RMConfig, to_dict
@@ -24,7 +24,7 @@ from instructkit.engine.lm import to_device
 from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import autocast, seed_everything
-from instructkit.preference_losses import (
+from instructkit.losses.preference import (
     ranked_pairs, ranked_reward_loss, reward_centering_term, reward_metrics,
 )
 
@@ -60,7 +60,7 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
     seed_everything(cfg.train.seed)
     with dist.main_first():  # rank 0 fills the model caches first
         tokenizer = M.load_tokenizer(cfg.model)
-        pref = D.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
+        pref = data.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
         M.check_context_length(model, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
         if cfg.rm.disable_dropout:
@@ -71,7 +71,7 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
 
     def plan(epoch: int):  # micro-batches of `micro_batch_size` prompts (groups)
-        return D.plan_preference_batches([len(e.responses) for e in pref.train], t.micro_batch_size,
+        return data.plan_preference_batches([len(e.responses) for e in pref.train], t.micro_batch_size,
                                          seed=t.seed, epoch=epoch)
 
     def losses(batch: dict):
@@ -97,17 +97,17 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
         if not pref.val:
             return {}
         model.eval()
-        plan_val = D.plan_preference_batches([len(e.responses) for e in pref.val], t.micro_batch_size, seed=0, epoch=0)
+        plan_val = data.plan_preference_batches([len(e.responses) for e in pref.val], t.micro_batch_size, seed=0, epoch=0)
         group_losses, rb, rw = [], [], []
         for groups in plan_val[: t.eval_max_batches or None]:
-            per_group, _, b, w = losses(D.collate_preference(pref.val, groups, pad))
+            per_group, _, b, w = losses(data.collate_preference(pref.val, groups, pad))
             group_losses.append(per_group), rb.append(b), rw.append(w)
         model.train()
         metrics = reward_metrics(torch.cat(rb), torch.cat(rw))
         return {"eval_loss": float(torch.cat(group_losses).mean()), **{f"eval_{k}": float(v) for k, v in metrics.items()}}
 
     stage = Stage(
-        name="rm", plan=plan, collate=lambda groups: D.collate_preference(pref.train, groups, pad),
+        name="rm", plan=plan, collate=lambda groups: data.collate_preference(pref.train, groups, pad),
         count=lambda batch: len(group_sizes(batch)), loss=loss, metrics=step_metrics, evaluate=evaluate,
         tokens=lambda planned: sum(pref.train[g].n_tokens for groups in planned for g in groups),
         start_metrics={f"data_{k}": v for k, v in pref.stats.items()},
@@ -131,7 +131,7 @@ def reward_statistics(model, examples, pad_id: int, groups_per_batch: int, devic
     scores = []
     for start in range(0, len(examples), groups_per_batch):
         groups = list(range(start, min(start + groups_per_batch, len(examples))))
-        scores.append(score_batch(wrapped, D.collate_preference(examples, groups, pad_id), device, precision))
+        scores.append(score_batch(wrapped, data.collate_preference(examples, groups, pad_id), device, precision))
     model.train()
     allr = torch.cat(scores) if scores else torch.zeros(1)
     return float(allr.mean()), float(allr.std(correction=0))

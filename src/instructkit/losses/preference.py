@@ -7,7 +7,7 @@ reduces them (mean over the step's pairs) and applies coefficients.
 
 Log-probabilities fed to the DPO family are *sequence* log-probabilities of the completion
 under the policy and the reference model, built with :func:`sequence_logprobs` from
-``instructkit.losses.token_logprobs``: summed over the completion tokens for DPO, hinge and
+``instructkit.losses.sft.token_logprobs``: summed over the completion tokens for DPO, hinge and
 conservative DPO, averaged per token for IPO (see :func:`ipo_loss`).
 """
 
@@ -162,7 +162,7 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """Log-probability of each sequence's completion.
 
-    token_logprobs: [B, L] (``instructkit.losses.token_logprobs``: 0 where there is no target),
+    token_logprobs: [B, L] (``instructkit.losses.sft.token_logprobs``: 0 where there is no target),
     mask: [B, L] true on the completion tokens. Returns [B] fp32: the sum over the completion
     (DPO, hinge, conservative DPO), or with ``average=True`` the mean per completion token
     (IPO; a row with no completion token gives 0).

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from instructkit.losses import masked_mean
+from instructkit.losses.sft import masked_mean
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -56,7 +56,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- masked statistics
-# masked_mean is instructkit.losses.masked_mean (re-exported): mean where mask is true, over
+# masked_mean is instructkit.losses.sft.masked_mean (re-exported): mean where mask is true, over
 # ``dim`` or everything; an all-zero mask gives 0, not NaN.
 
 
