@@ -231,9 +231,29 @@ def cmd_convert_meta(args) -> int:
 def cmd_chat(args) -> int:
     from instructkit.evaluate.chat import chat
 
-    chat(args.model, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p, device=args.device, seed=args.seed)
+    try:
+        chat(args.model, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_p=args.top_p, device=args.device, seed=args.seed)
+    except KeyboardInterrupt:  # Ctrl-C ends a chat, as /exit does
+        print(file=sys.stderr)
     return 0
+
+
+def _command(sub, name: str, func, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand running ``func(args)``; ``--debug`` is accepted after it as well as before."""
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(func=func)
+    return p
+
+
+def _sampling_args(p: argparse.ArgumentParser, seed: int | None) -> None:
+    """What generate and chat share: the sampling settings and the device."""
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--device", default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,105 +262,73 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for stage in STAGES:
-        p = sub.add_parser(stage, help=f"train: {stage}")
+        p = _command(sub, stage, cmd_train, help=f"train: {stage}")
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.add_argument("--allow-new-data", action="store_true",
                        help="with --resume: go on although the data files changed since the checkpoint")
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="check a config without running it")
+    p = _command(sub, "validate", cmd_validate, help="check a config without running it")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--stage", choices=SCHEMAS, help="schema to check against (default: from the file name)")
     p.add_argument("--show", action="store_true", help="print the resolved config")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("generate", help="sample responses from a model")
+    p = _command(sub, "generate", cmd_generate, help="sample responses from a model")
     p.add_argument("model", help="a final/ folder, HF folder, hub id, .gguf file or tiny preset")
     p.add_argument("--prompt")
     p.add_argument("--prompts", help="JSONL (or any data file) of prompts")
     p.add_argument("--field", default="prompt", help="prompt field in --prompts records")
     p.add_argument("--output", help="JSONL file for the responses")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    _sampling_args(p, seed=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("pipeline", help="the whole recipe: SFT -> RM -> PPO/DPO -> eval -> merge -> package")
+    p = _command(sub, "pipeline", cmd_pipeline, help="the whole recipe: SFT -> RM -> PPO/DPO -> eval -> merge -> package")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/demo")
     p.add_argument("--allow-new-data", action="store_true",
                    help="an interrupted stage may resume although its data files changed")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("report", help="report.html and report.md of a run or pipeline folder")
+    p = _command(sub, "report", cmd_report, help="report.html and report.md of a run or pipeline folder")
     p.add_argument("run_dir")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("eval", help="perplexity, reward accuracy, samples, LLM-as-judge scores")
+    p = _command(sub, "eval", cmd_eval, help="perplexity, reward accuracy, samples, LLM-as-judge scores")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. model=runs/ppo/final")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="fold a LoRA/DoRA adapter into its base")
+    p = _command(sub, "merge", cmd_merge, help="fold a LoRA/DoRA adapter into its base")
     p.add_argument("adapter")
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     p.add_argument("--overwrite", action="store_true", help="replace a model already at output")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="export a model folder (GGUF)")
+    p = _command(sub, "export", cmd_export, help="export a model folder (GGUF)")
     p.add_argument("model")
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--format", default="gguf")
     p.add_argument("--dtype", default="f16", help="f32, f16, bf16 or q8_0")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("package", help="tar.gz with metadata, model card and requirements")
+    p = _command(sub, "package", cmd_package, help="tar.gz with metadata, model card and requirements")
     p.add_argument("model")
     p.add_argument("rest", nargs="*", metavar="output=DIR")
     p.add_argument("--name")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_package)
 
-    p = sub.add_parser("verify", help="check the sha256 of every file in a package archive")
+    p = _command(sub, "verify", cmd_verify, help="check the sha256 of every file in a package archive")
     p.add_argument("archive")
     p.add_argument("--sha256", help="the archive's expected sha256 (hex digits, or its .sha256 file)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("convert-meta", help="Meta's original Llama 2/3 checkpoint to a Hugging Face folder")
+    p = _command(sub, "convert-meta", cmd_convert_meta, help="Meta's original Llama 2/3 checkpoint to a Hugging Face folder")
     p.add_argument("meta_dir")
     p.add_argument("rest", nargs="*", metavar="output=PATH")
     p.add_argument("--llama-version", default=None)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--overwrite", action="store_true", help="replace a model already at output")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_convert_meta)
 
-    p = sub.add_parser("chat", help="interactive chat with streaming output (/reset, /exit)")
+    p = _command(sub, "chat", cmd_chat, help="interactive chat with streaming output (/reset, /exit)")
     p.add_argument("model")
-    p.add_argument("--system")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_chat)
+    p.add_argument("--system", help="system prompt")
+    _sampling_args(p, seed=None)
     return parser
 
 

@@ -240,7 +240,7 @@ def test_chat_keeps_history_and_streams(models):
 def test_chat_over_piped_stdin(models):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "instructkit.evaluate.chat", str(models["lm"]), "--temperature", "0",
+        [sys.executable, "-m", "instructkit", "chat", str(models["lm"]), "--temperature", "0",
          "--max-new-tokens", "6", "--device", "cpu"],
         input="Hello there\n/reset\nTell me a joke\n/exit\n", capture_output=True, text=True,
         timeout=300, env=env, cwd=REPO)
@@ -250,8 +250,8 @@ def test_chat_over_piped_stdin(models):
 
 
 def test_chat_bad_model_is_a_user_error(capsys):
-    from instructkit.evaluate.chat import main
+    from instructkit.cli import main
 
-    assert main([str(REPO / "no-such-model")]) == 2
+    assert main(["chat", str(REPO / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("instructkit chat: error:") and "no-such-model" in err

@@ -5,12 +5,11 @@ template (the same rendering as in training; Alpaca for a tokenizer without one)
 answer is streamed token by token. ``/reset`` clears the history, ``/exit`` (or end of input)
 quits. The oldest turns are dropped when the conversation outgrows the model's context.
 
-Also runs as ``python -m instructkit.evaluate.chat MODEL`` (reads stdin, so it can be piped).
+Run it as ``instructkit chat MODEL`` (it reads stdin, so it can be piped).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import TextIO
 
@@ -160,35 +159,3 @@ def chat(
         answer = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": answer})
     return history
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="instructkit chat", description="chat with a model")
-    p.add_argument("model", help="a final/ folder, HF folder, hub id, .gguf file or tiny preset")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        chat(args.model, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, top_p=args.top_p, device=args.device, seed=args.seed)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"instructkit chat: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -530,33 +530,12 @@ def package_model(model_dir, output_dir, name: str | None = None, run_dir=None) 
 def _package(src: Path, out_dir: Path, name: str, run_dir, t0: float) -> Path:
     d = describe_model(src)
     run = Path(run_dir).expanduser().resolve() if run_dir else find_run_dir(src, d["instructkit"] or {})
-    training_config = None
-    metrics = {"train": None, "eval": None, "last_step": None}
-    if run is not None:
-        cfg_path = run / "config.yaml"
-        if cfg_path.is_file():
-            try:
-                training_config = yaml.safe_load(cfg_path.read_text())
-            except yaml.YAMLError as e:
-                raise UserError(f"{cfg_path}: not valid YAML ({e})") from None
-            training_config = (_portable(redact(training_config), Path.cwd().resolve())
-                               if isinstance(training_config, dict) else None)
-        elif run_dir:
-            raise UserError(f"run_dir={run_dir}: no config.yaml there")
-        if (run / "metrics.jsonl").is_file():
-            metrics = last_metrics(run / "metrics.jsonl")
-
+    training_config, metrics = _run_record(run, run_dir)
     left_out: dict = {}
-    model_files = [(rel, p) for rel, p in _iter_files(src, left_out) if rel not in GENERATED]
-    if left_out["hidden"] or left_out["links_outside"]:
-        log.warning("package: left out of the archive: %s", "; ".join(
-            f"{what} {', '.join(v[:10])}{' ...' if len(v) > 10 else ''}" for what, v in
-            (("dotfiles", left_out["hidden"]), ("links leading outside the folder",
-                                                left_out["links_outside"])) if v))
+    model_files = _model_files(src, left_out)
     versions = library_versions()
     created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    mtime = int(created.timestamp())
-    meta = {
+    meta = _portable({
         "format": FORMAT,
         "name": name,
         "created": created.isoformat().replace("+00:00", "Z"),
@@ -575,9 +554,7 @@ def _package(src: Path, out_dir: Path, name: str, run_dir, t0: float) -> Path:
         "metrics": metrics,
         "versions": versions,
         "files": {},
-    }
-    meta = _portable(meta, Path.cwd().resolve())
-
+    }, Path.cwd().resolve())
     generated: dict[str, bytes] = {
         CARD_FILE: model_card(meta).encode(),
         REQUIREMENTS_FILE: requirements_text(versions, name).encode(),
@@ -587,11 +564,53 @@ def _package(src: Path, out_dir: Path, name: str, run_dir, t0: float) -> Path:
     replaced = [rel for rel, _ in _iter_files(src) if rel in GENERATED]
     if replaced:
         meta["replaced_from_model_folder"] = replaced
+    final = _write_archive(out_dir, name, meta, generated, model_files, int(created.timestamp()))
+    total = sum(f["size"] for f in meta["files"].values())
+    log.info("packaged %s (%d files, %.1f MB) as %s in %.1f s", src, len(meta["files"]), total / 1e6,
+             final, time.perf_counter() - t0)
+    return final
 
+
+def _run_record(run: Path | None, run_dir) -> tuple[dict | None, dict]:
+    """The run's resolved config (secrets masked, local paths made portable) and its last
+    metrics, when the run folder is known."""
+    training_config, metrics = None, {"train": None, "eval": None, "last_step": None}
+    if run is None:
+        return training_config, metrics
+    cfg_path = run / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            training_config = yaml.safe_load(cfg_path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{cfg_path}: not valid YAML ({e})") from None
+        training_config = (_portable(redact(training_config), Path.cwd().resolve())
+                           if isinstance(training_config, dict) else None)
+    elif run_dir:
+        raise UserError(f"run_dir={run_dir}: no config.yaml there")
+    if (run / "metrics.jsonl").is_file():
+        metrics = last_metrics(run / "metrics.jsonl")
+    return training_config, metrics
+
+
+def _model_files(src: Path, left_out: dict) -> list[tuple[str, Path]]:
+    """The model folder's files that go into the archive; what is left out is said."""
+    files = [(rel, p) for rel, p in _iter_files(src, left_out) if rel not in GENERATED]
+    if left_out["hidden"] or left_out["links_outside"]:
+        log.warning("package: left out of the archive: %s", "; ".join(
+            f"{what} {', '.join(v[:10])}{' ...' if len(v) > 10 else ''}" for what, v in
+            (("dotfiles", left_out["hidden"]), ("links leading outside the folder",
+                                                left_out["links_outside"])) if v))
+    return files
+
+
+def _write_archive(out_dir: Path, name: str, meta: dict, generated: dict[str, bytes],
+                   model_files: list[tuple[str, Path]], mtime: int) -> Path:
+    """``out_dir/<name>.tar.gz`` under a temporary name, hashed as it is written, renamed when
+    complete, with its ``.sha256`` beside it; fills ``meta["files"]``."""
     final = out_dir / f"{name}{ARCHIVE_SUFFIX}"
     tmp = out_dir / f".{name}{ARCHIVE_SUFFIX}.tmp-{os.getpid()}"
     sidecar = out_dir / f"{name}{ARCHIVE_SUFFIX}{SHA256_SUFFIX}"
-    files: dict[str, dict] = {}
+    files: dict[str, dict] = meta["files"]
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with open(tmp, "wb") as f_out, tarfile.open(fileobj=(raw := _HashingWriter(f_out)), mode="w:gz",
@@ -611,7 +630,6 @@ def _package(src: Path, out_dir: Path, name: str, run_dir, t0: float) -> Path:
                     except OSError as e:
                         raise UserError(f"{path}: changed while it was packaged ({e})") from None
                 files[rel] = {"sha256": reader.sha.hexdigest(), "size": reader.size}
-            meta["files"] = files
             blob = (json.dumps(meta, indent=1, default=str) + "\n").encode()
             tar.addfile(_tarinfo(f"{name}/{METADATA_FILE}", len(blob), mtime), io.BytesIO(blob))
             raw.flush()
@@ -625,9 +643,6 @@ def _package(src: Path, out_dir: Path, name: str, run_dir, t0: float) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    total = sum(f["size"] for f in files.values())
-    log.info("packaged %s (%d files, %.1f MB) as %s in %.1f s", src, len(files), total / 1e6,
-             final, time.perf_counter() - t0)
     return final
 
 
@@ -655,6 +670,42 @@ def _open_archive(path: Path) -> tarfile.TarFile:
         return tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise UserError(f"{path}: not a readable .tar.gz archive ({e})") from None
+
+
+def _hash_members(path: Path) -> tuple[dict[str, tuple[str, int]], bytes | None, set, list[str]]:
+    """Every regular member's (sha256, size) by its path inside the top folder, the bytes of
+    ``metadata.json``, the top folders, and the unsafe members (never read)."""
+    found: dict[str, tuple[str, int]] = {}
+    meta_blob = None
+    tops, unsafe = set(), []
+    with _open_archive(path) as tar:
+        try:
+            for m in tar:
+                why = _unsafe_reason(m)
+                if why:
+                    unsafe.append(f"{m.name} ({why})")
+                    continue
+                parts = PurePosixPath(m.name).parts
+                if not parts:
+                    continue
+                tops.add(parts[0])
+                if m.isdir():
+                    continue
+                rel = "/".join(parts[1:])
+                f = tar.extractfile(m)
+                sha, size, chunks = hashlib.sha256(), 0, []
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    if rel == METADATA_FILE and size <= _MAX_METADATA_BYTES:
+                        chunks.append(chunk)
+                if rel == METADATA_FILE:
+                    meta_blob = b"".join(chunks)
+                else:
+                    found[rel] = (sha.hexdigest(), size)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: the archive is truncated or corrupt ({e})") from None
+    return found, meta_blob, tops, unsafe
 
 
 def _expected_sha256(sha256: str) -> str:
@@ -693,36 +744,7 @@ def verify_archive(path, raise_on_error: bool = True, sha256: str | None = None)
         if got_sha != want:
             raise UserError(f"{path}: the sha256 of the archive is {got_sha}, expected {want}: it is "
                             "not the archive that hash was published for")
-    found: dict[str, tuple[str, int]] = {}
-    meta_blob = None
-    tops, unsafe = set(), []
-    with _open_archive(path) as tar:
-        try:
-            for m in tar:
-                why = _unsafe_reason(m)
-                if why:
-                    unsafe.append(f"{m.name} ({why})")
-                    continue
-                parts = PurePosixPath(m.name).parts
-                if not parts:
-                    continue
-                tops.add(parts[0])
-                if m.isdir():
-                    continue
-                rel = "/".join(parts[1:])
-                f = tar.extractfile(m)
-                sha, size, chunks = hashlib.sha256(), 0, []
-                while chunk := f.read(1 << 20):
-                    sha.update(chunk)
-                    size += len(chunk)
-                    if rel == METADATA_FILE and size <= _MAX_METADATA_BYTES:
-                        chunks.append(chunk)
-                if rel == METADATA_FILE:
-                    meta_blob = b"".join(chunks)
-                else:
-                    found[rel] = (sha.hexdigest(), size)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise UserError(f"{path}: the archive is truncated or corrupt ({e})") from None
+    found, meta_blob, tops, unsafe = _hash_members(path)
     if unsafe:
         raise UserError(f"{path}: unsafe archive members, refusing it: " + "; ".join(unsafe[:20]))
     if len(tops) != 1 or meta_blob is None:
