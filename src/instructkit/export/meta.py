@@ -754,11 +754,65 @@ def convert_meta_checkpoint(
     model folder at ``output_dir`` is replaced only with ``overwrite``, any other non-empty
     folder never.
     """
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     t0 = time.perf_counter()
     meta_dir = Path(meta_dir).expanduser()
     out = Path(output_dir).expanduser()
+    torch_dtype, tok_path, shard_paths = _checked_inputs(meta_dir, out, dtype, tokenizer_path, overwrite)
+    params = read_params(meta_dir / PARAMS_FILE)
+    kind = detect_tokenizer_kind(tok_path)
+    version = _resolve_version(llama_version, kind, params, tok_path)
+    max_pos = _max_positions(version, params)
+    # The tokenizer first: it is cheap, and a bad file should fail before the weights load.
+    if kind == "sentencepiece":
+        tokenizer = build_llama2_tokenizer(tok_path, max_len=max_pos)
+    else:
+        tokenizer = build_llama3_tokenizer(tok_path, version, max_len=max_pos)
+    log.info("tokenizer %s: %d tokens (Llama %s)", tok_path, len(tokenizer), version)
+
+    shards = [load_shard(p) for p in shard_paths]
+    state = merge_shards(shards, params, [str(p) for p in shard_paths])
+    hf_state, vocab, inter, tied = meta_to_hf_state_dict(state, params, torch_dtype)
+    del shards, state
+    if len(tokenizer) > vocab:
+        raise UserError(
+            f"{tok_path} has {len(tokenizer)} tokens but the embeddings only {vocab} rows: "
+            "the tokenizer belongs to another model"
+        )
+    if len(tokenizer) < vocab:
+        log.warning("the embeddings have %d rows, the tokenizer %d tokens", vocab, len(tokenizer))
+
+    model = _hf_model(params, version, hf_state, vocab, inter, tied, tokenizer, torch_dtype, max_pos)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        _portable_tokenizer_config(tmp)
+        info = {
+            "format": 1,
+            "kind": "full",
+            "base": str(meta_dir.resolve()),
+            "base_kind": "meta",
+            "llama_version": version,
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "shards": [p.name for p in shard_paths],
+            "params": asdict(params),
+            "vocab_size": vocab,
+            "tokenizer_size": len(tokenizer),
+        }
+        (tmp / "instructkit.json").write_text(json.dumps(info, indent=1) + "\n")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s (Llama %s, %d shard(s)) to %s in %.1f s", meta_dir, version,
+             len(shard_paths), out, time.perf_counter() - t0)
+    return out
+
+
+def _checked_inputs(meta_dir: Path, out: Path, dtype, tokenizer_path, overwrite: bool):
+    """(torch dtype, tokenizer file, shard files) once the inputs are complete and the output
+    may be written; otherwise a UserError listing what is missing."""
     if str(dtype).lower() not in DTYPES:
         raise UserError(f"dtype={dtype!r}: choose bf16, fp16 or fp32")
     torch_dtype = DTYPES[str(dtype).lower()]
@@ -786,28 +840,13 @@ def convert_meta_checkpoint(
     if out.resolve() == meta_dir.resolve():
         raise UserError(f"the output folder {out} is the checkpoint folder itself")
 
-    params = read_params(meta_dir / PARAMS_FILE)
-    kind = detect_tokenizer_kind(tok_path)
-    version = _resolve_version(llama_version, kind, params, tok_path)
-    max_pos = _max_positions(version, params)
-    # The tokenizer first: it is cheap, and a bad file should fail before the weights load.
-    if kind == "sentencepiece":
-        tokenizer = build_llama2_tokenizer(tok_path, max_len=max_pos)
-    else:
-        tokenizer = build_llama3_tokenizer(tok_path, version, max_len=max_pos)
-    log.info("tokenizer %s: %d tokens (Llama %s)", tok_path, len(tokenizer), version)
+    return torch_dtype, tok_path, shard_paths
 
-    shards = [load_shard(p) for p in shard_paths]
-    state = merge_shards(shards, params, [str(p) for p in shard_paths])
-    hf_state, vocab, inter, tied = meta_to_hf_state_dict(state, params, torch_dtype)
-    del shards, state
-    if len(tokenizer) > vocab:
-        raise UserError(
-            f"{tok_path} has {len(tokenizer)} tokens but the embeddings only {vocab} rows: "
-            "the tokenizer belongs to another model"
-        )
-    if len(tokenizer) < vocab:
-        log.warning("the embeddings have %d rows, the tokenizer %d tokens", vocab, len(tokenizer))
+
+def _hf_model(params, version: str, hf_state: dict, vocab: int, inter: int, tied: bool, tokenizer,
+              torch_dtype, max_pos: int):
+    """The LlamaForCausalLM holding the converted weights, with Meta's stop tokens."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     bos_id = tokenizer.bos_token_id
     eos_id = tokenizer.eos_token_id
@@ -848,33 +887,7 @@ def convert_meta_checkpoint(
         eos_token_id=stop_ids if len(stop_ids) > 1 else eos_id,
         use_cache=True,
     )
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        _portable_tokenizer_config(tmp)
-        info = {
-            "format": 1,
-            "kind": "full",
-            "base": str(meta_dir.resolve()),
-            "base_kind": "meta",
-            "llama_version": version,
-            "dtype": str(torch_dtype).removeprefix("torch."),
-            "shards": [p.name for p in shard_paths],
-            "params": asdict(params),
-            "vocab_size": vocab,
-            "tokenizer_size": len(tokenizer),
-        }
-        (tmp / "instructkit.json").write_text(json.dumps(info, indent=1) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s (Llama %s, %d shard(s)) to %s in %.1f s", meta_dir, version,
-             len(shard_paths), out, time.perf_counter() - t0)
-    return out
+    return model
 
 
 def _portable_tokenizer_config(folder: Path) -> None:
