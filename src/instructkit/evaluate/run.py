@@ -86,7 +86,48 @@ def run(cfg: EvalConfig) -> dict:
     results: dict[str, dict] = {}
     times: dict[str, float] = {}
 
-    # The evaluated model: perplexity and samples.
+    rows = _own_model_tasks(cfg, want, need_samples, prompts, device, dtype, amp, out, results, times)
+    rows_a = given if given is not None else rows
+
+    if "reward_accuracy" in want:
+        from instructkit.evaluate.reward_acc import load_reward_for_eval, reward_accuracy
+
+        t0 = time.perf_counter()
+        rm_path = cfg.reward.model or cfg.model
+        rm, rm_tok = load_reward_for_eval(rm_path, device, dtype)
+        results["reward_accuracy"] = {"reward_model": rm_path,
+                                      **reward_accuracy(rm, rm_tok, cfg.reward, device, amp)}
+        del rm, rm_tok
+        _free(device)
+        times["reward_accuracy"] = time.perf_counter() - t0
+
+    if "pairwise" in want and rows_b is None:  # model B's answers to the same prompts
+        from instructkit.models import load_for_inference
+
+        t0 = time.perf_counter()
+        model_b, tok_b = load_for_inference(cfg.pairwise.model_b, device=device, dtype=dtype)
+        rows_b = generate_samples(model_b, tok_b, prompts, cfg.samples, device, amp, cfg.progress,
+                                  description="samples B")
+        write_jsonl_atomic(out / SAMPLES_B_FILE, rows_b)
+        del model_b, tok_b
+        _free(device)
+        times["samples_b"] = time.perf_counter() - t0
+
+    if want & {"judge", "pairwise"}:
+        _judge_tasks(cfg, want, rows_a, rows_b, judge_rubric, pair_prompt, out, results, times)
+
+    report = {"model": cfg.model, "tasks": tasks, "results": results, "time_s": times}
+    report = _merge_previous(out / REPORT_FILE, report)
+    write_report(out, report)
+    return report
+
+
+def _own_model_tasks(cfg, want: set, need_samples: bool, prompts, device, dtype, amp: str, out: Path,
+                     results: dict, times: dict) -> list[dict] | None:
+    """Perplexity and samples of the evaluated model, loaded once; its sample rows (or None)."""
+    from instructkit.evaluate.samples import generate_samples, write_jsonl_atomic
+
+    rows = None
     if want & {"perplexity"} or need_samples:
         from instructkit.models import load_for_inference
 
@@ -116,54 +157,30 @@ def run(cfg: EvalConfig) -> dict:
             }
         del model, tokenizer
         _free(device)
-    rows_a = given if given is not None else (rows if need_samples else None)
+    return rows if need_samples else None
 
-    if "reward_accuracy" in want:
-        from instructkit.evaluate.reward_acc import load_reward_for_eval, reward_accuracy
 
-        t0 = time.perf_counter()
-        rm_path = cfg.reward.model or cfg.model
-        rm, rm_tok = load_reward_for_eval(rm_path, device, dtype)
-        results["reward_accuracy"] = {"reward_model": rm_path,
-                                      **reward_accuracy(rm, rm_tok, cfg.reward, device, amp)}
-        del rm, rm_tok
-        _free(device)
-        times["reward_accuracy"] = time.perf_counter() - t0
+def _judge_tasks(cfg, want: set, rows_a, rows_b, judge_rubric, pair_prompt, out: Path, results: dict,
+                 times: dict) -> None:
+    """The LLM judge: rubric scores of this model's answers, and win rates against model B's."""
+    from instructkit.evaluate import judge as J
 
-    if "pairwise" in want and rows_b is None:  # model B's answers to the same prompts
-        from instructkit.models import load_for_inference
-
-        t0 = time.perf_counter()
-        model_b, tok_b = load_for_inference(cfg.pairwise.model_b, device=device, dtype=dtype)
-        rows_b = generate_samples(model_b, tok_b, prompts, cfg.samples, device, amp, cfg.progress,
-                                  description="samples B")
-        write_jsonl_atomic(out / SAMPLES_B_FILE, rows_b)
-        del model_b, tok_b
-        _free(device)
-        times["samples_b"] = time.perf_counter() - t0
-
-    if want & {"judge", "pairwise"}:
-        backend = J.make_judge(cfg.judge)
-        try:
-            if "judge" in want:
-                t0 = time.perf_counter()
-                results["judge"] = J.judge_responses(backend, rows_a, out / JUDGE_LOG, judge_rubric,
-                                                     cfg.progress)
-                results["judge"]["rubric"] = cfg.judge.rubric_path or "default"
-                times["judge"] = time.perf_counter() - t0
-            if "pairwise" in want:
-                t0 = time.perf_counter()
-                results["pairwise"] = J.pairwise_compare(backend, rows_a, rows_b, out / PAIRWISE_LOG,
-                                                         pair_prompt, cfg.progress)
-                results["pairwise"]["model_b"] = cfg.pairwise.model_b or cfg.pairwise.responses_b
-                times["pairwise"] = time.perf_counter() - t0
-        finally:
-            backend.close()
-
-    report = {"model": cfg.model, "tasks": tasks, "results": results, "time_s": times}
-    report = _merge_previous(out / REPORT_FILE, report)
-    write_report(out, report)
-    return report
+    backend = J.make_judge(cfg.judge)
+    try:
+        if "judge" in want:
+            t0 = time.perf_counter()
+            results["judge"] = J.judge_responses(backend, rows_a, out / JUDGE_LOG, judge_rubric,
+                                                 cfg.progress)
+            results["judge"]["rubric"] = cfg.judge.rubric_path or "default"
+            times["judge"] = time.perf_counter() - t0
+        if "pairwise" in want:
+            t0 = time.perf_counter()
+            results["pairwise"] = J.pairwise_compare(backend, rows_a, rows_b, out / PAIRWISE_LOG,
+                                                     pair_prompt, cfg.progress)
+            results["pairwise"]["model_b"] = cfg.pairwise.model_b or cfg.pairwise.responses_b
+            times["pairwise"] = time.perf_counter() - t0
+    finally:
+        backend.close()
 
 
 def _merge_previous(path: Path, report: dict) -> dict:
