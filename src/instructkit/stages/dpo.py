@@ -73,6 +73,23 @@ class Reference:
         model.train(was_training)
         return out
 
+    def of(self, split_name: str, groups: list[int], batch: dict, average: bool) -> torch.Tensor:
+        """The reference log-probs of a batch's rows: from the table when precomputed."""
+        if self.table is not None:
+            return torch.cat([self.table[(split_name, g)] for g in groups])
+        return self.logps(batch, average)
+
+    def precompute(self, splits: dict[str, list], pad: int, device, precision: str, average: bool) -> None:
+        """Every group's reference log-probs once (``dpo.precompute_ref``); the frozen copy is
+        freed, the table is all that is needed afterwards."""
+        self.table = {}
+        for name, split in splits.items():
+            for g in range(len(split)):
+                batch = to_device(data.collate_preference(split, [g], pad), device)
+                with autocast(precision, device):
+                    self.table[(name, g)] = self.logps(batch, average).cpu()
+        self.copy = None
+
 
 def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> DPOResult:
     out = Path(cfg.output_dir)
@@ -96,28 +113,14 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
     average = cfg.dpo.loss == "ipo"  # IPO compares per-token mean log-probs
     loss_of = loss_fn(cfg)
 
-    def rows(split, groups):
-        return to_device(data.collate_preference(split, groups, pad), device)
-
-    def ref_logps(split_name, split, groups, batch) -> torch.Tensor:
-        if ref.table is not None:
-            return torch.cat([ref.table[(split_name, g)] for g in groups]).to(device)
-        with autocast(precision, device):
-            return ref.logps(batch, average)
-
     if cfg.dpo.precompute_ref:
-        ref.table = {}
-        for name, split in (("train", pref.train), ("val", pref.val)):
-            for g in range(len(split)):
-                with autocast(precision, device):
-                    ref.table[(name, g)] = ref.logps(rows(split, [g]), average).cpu()
-        ref.copy = None  # free the frozen copy; the table is all we need
+        ref.precompute({"train": pref.train, "val": pref.val}, pad, device, precision, average)
 
     def pair_terms(split_name, split, groups, batch=None):
-        batch = to_device(batch, device) if batch is not None else rows(split, groups)
+        batch = to_device(batch if batch is not None else data.collate_preference(split, groups, pad), device)
         with autocast(precision, device):
             policy_lp = wrapped(completion_logps, batch, average)  # [R]
-        ref_lp = ref_logps(split_name, split, groups, batch)  # [R]
+            ref_lp = ref.of(split_name, groups, batch, average).to(policy_lp.device)  # [R]
         b, w = batch["pairs"][:, 0], batch["pairs"][:, 1]
         return policy_lp[b], policy_lp[w], ref_lp[b], ref_lp[w]
 
