@@ -591,13 +591,7 @@ def load_config(
             raise ConfigError(f"config file not found: {path}")
         data, lines = read_yaml_with_lines(path)
     in_file = copy.deepcopy(data)
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(data, key, value)
-        parts = key.split(".")
-        for n in range(1, len(parts)):  # a section the override creates is the override's too
-            lines.setdefault(".".join(parts[:n]), 0)
-        lines[key] = 0  # 0: came from the command line
+    apply_overrides(data, lines, overrides)
     given = dict(data)  # what the user set, before a preset fills in more
     preset = data.get("preset")
     if preset is not None:
@@ -705,6 +699,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def apply_overrides(data: dict, lines: dict[str, int], overrides) -> None:
+    """Set each ``dotted.key=value`` in ``data`` and mark it (line 0) as the command line's, with
+    any section it creates: an error in it is blamed on the override, not on the YAML file."""
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+        parts = key.split(".")
+        for n in range(1, len(parts)):
+            lines.setdefault(".".join(parts[:n]), 0)
+        lines[key] = 0
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:

@@ -74,10 +74,7 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
         data, lines = schema.read_yaml_with_lines(Path(path))
         source = str(path)
     in_file = copy.deepcopy(data)
-    for item in overrides:
-        key, value = schema.parse_override(item)
-        schema.set_dotted(data, key, value)
-        lines[key] = 0
+    schema.apply_overrides(data, lines, overrides)
     sections = {}
     for name, factory in (("pretrain", _pretrain_config), ("eval", _eval_config)):
         raw = data.pop(name, None)
@@ -107,12 +104,10 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
     cfg.stages = sorted(dict.fromkeys(cfg.stages), key=ORDER.index)  # pipeline order, once each
     chain(cfg)  # derived: each stage's output_dir and the results it starts from
     cfg.check()
-    from instructkit.config import env_world_size
-
     for name in cfg.stages:  # a key set in a listed stage's section is read by that stage
         if name in given:
             section = in_file.get(name) if isinstance(in_file.get(name), dict) else {}
-            schema.check_given(getattr(cfg, name), given[name], source, lines, env_world_size(), prefix=f"{name}.",
+            schema.check_given(getattr(cfg, name), given[name], source, lines, schema.env_world_size(), prefix=f"{name}.",
                           in_file={"model": "", **section} if name == "eval" else section)
     return cfg
 

@@ -66,6 +66,11 @@ def test_pipeline_config_errors_name_the_section(tmp_path):
         load(tmp_path, "sft.train.lr_rate=1")
     with pytest.raises(ConfigError, match="stages"):
         load(tmp_path, "stages=[sft,distill]")
+    # a section the override misspells is the override's, not the YAML file's (as in load_config)
+    with pytest.raises(ConfigError, match=r"^command line override sft.trian: unknown key 'trian'"):
+        load(tmp_path, "sft.trian.lr=1")
+    with pytest.raises(ConfigError, match=r"^command line override srt: unknown key 'srt'"):
+        load(tmp_path, "srt.lr=1")
 
 
 def test_a_pipeline_rerun_after_a_kill_equals_an_uninterrupted_one(tmp_path, monkeypatch):
