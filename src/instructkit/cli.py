@@ -82,10 +82,10 @@ def cmd_validate(args) -> int:
 
 def cmd_generate(args) -> int:
     from instructkit.atomic import write_atomic
-    from instructkit.generate import generate_responses
+    from instructkit.generate import check_sampling, generate_responses
     from instructkit.models import load_for_inference
 
-    _check_sampling_args(args)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
     prompts = _read_prompts(args)  # before the model loads: bad input fails fast
     model, tokenizer = load_for_inference(args.model, device=args.device)
     responses = generate_responses(
@@ -100,19 +100,6 @@ def cmd_generate(args) -> int:
         for p, r in zip(prompts, responses):
             print(r if len(prompts) == 1 else json.dumps({"prompt": p, "response": r}))
     return 0
-
-
-def _check_sampling_args(args) -> None:
-    import math
-
-    checks = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
-              ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
-               "0 (greedy) or above"),
-              ("--top-p", args.top_p, 0 < args.top_p <= 1, "above 0 and at most 1"),
-              ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"))
-    for flag, value, ok, want in checks:
-        if not ok:
-            raise UserError(f"{flag} {value:g}: must be {want}")
 
 
 def _read_prompts(args) -> list[str]:

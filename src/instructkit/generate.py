@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from instructkit.engine import distributed as D
+from instructkit.errors import UserError
 
 
 @torch.no_grad()
@@ -61,6 +62,20 @@ def generate_responses(
         if was_training:
             model.train()
     return [o.strip() for o in out]
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, batch_size: int = 1) -> None:
+    """The sampling settings of ``generate`` and ``chat``, checked before a model loads; a bad
+    one is a UserError naming the flag."""
+    import math
+
+    checks = (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, "at least 1"),
+              ("--temperature", temperature, math.isfinite(temperature) and temperature >= 0, "0 (greedy) or above"),
+              ("--top-p", top_p, 0 < top_p <= 1, "above 0 and at most 1"),
+              ("--batch-size", batch_size, batch_size >= 1, "at least 1"))
+    for flag, value, ok, want in checks:
+        if not ok:
+            raise UserError(f"{flag} {value:g}: must be {want}")
 
 
 def _generate(model, enc: dict, kwargs: dict) -> torch.Tensor:

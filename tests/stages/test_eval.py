@@ -255,3 +255,19 @@ def test_chat_bad_model_is_a_user_error(capsys):
     assert main(["chat", str(REPO / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("instructkit chat: error:") and "no-such-model" in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--temperature", "-1"], "--temperature -1: must be 0 (greedy) or above"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be above 0 and at most 1"),
+])
+def test_chat_checks_sampling_like_generate_before_loading(capsys, argv, fragment):
+    """chat checked --max-new-tokens and --temperature only after loading the model, in words of
+    its own, and not --top-p at all; it now shares generate's check (the model here does not exist:
+    the sampling error must come first)."""
+    from instructkit.cli import main
+
+    assert main(["chat", str(REPO / "no-such-model"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "no-such-model" not in err, err

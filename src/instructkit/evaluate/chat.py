@@ -87,20 +87,17 @@ def chat(
 
     from instructkit.data import build_prompt_ids
     from instructkit.data.templates import resolve_template
-    from instructkit.generate import stop_token_ids
+    from instructkit.generate import check_sampling, stop_token_ids
 
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else sys.stdout
+    check_sampling(max_new_tokens, temperature, top_p)
     if model is None:
         if not model_path:
             raise UserError("chat: give a model (a final/ folder, HF folder, hub id, .gguf or tiny preset)")
         from instructkit.models import load_for_inference
 
         model, tokenizer = load_for_inference(model_path, device=device)
-    if max_new_tokens <= 0:
-        raise UserError("chat: --max-new-tokens must be > 0")
-    if temperature < 0:
-        raise UserError("chat: --temperature must be >= 0 (0: greedy)")
     if seed is not None:
         torch.manual_seed(seed)
     template = resolve_template(template, tokenizer)
