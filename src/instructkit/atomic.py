@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from instructkit.errors import UserError
 
@@ -70,16 +71,17 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def explain_disk_full(folder: Path, what: str, then: str):
+def explain_disk_full(folder: Path, what: str, then: Callable[[], str]):
     """A full disk (or quota) while writing ``what`` into ``folder`` becomes one line with the
-    folder, the space left there and ``then`` (what survived and how to go on)."""
+    folder, the space left there and ``then()`` (what survived and how to go on; asked only
+    when the disk is full, after the half-written result is gone)."""
     try:
         yield
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise UserError(f"no space left on the disk of {folder} while writing {what} "
-                        f"({_free_space(Path(folder))} free there); {then}") from None
+                        f"({_free_space(Path(folder))} free there); {then()}") from None
 
 
 def _free_space(path: Path) -> str:

@@ -236,7 +236,7 @@ def save(output_dir: Path, step: int, run: D.Wrapped, optimizer, loop: dict, str
          identity: dict | None = None) -> Path:
     state = {**loop, "stream": stream.state_dict(), "skipped_steps": guard.total}
     root = Path(output_dir) / "checkpoints"
-    with explain_disk_full(root, f"the checkpoint of step {step}", resume_hint(output_dir)):
+    with explain_disk_full(root, f"the checkpoint of step {step}", lambda: resume_hint(output_dir)):
         if run.sharded:
             if extra_tensors:
                 raise UserError("this stage keeps extra tensors in its checkpoints, which sharded runs do not support yet")
@@ -250,7 +250,7 @@ def publish_final(output_dir: Path, run: D.Wrapped, save: Callable[[object], obj
     """``save(full_model)`` on rank 0 (the weights gathered from the shards under torchrun), the
     stage's own writer of ``output_dir/final``; a full disk is one line saying what is intact."""
     final = Path(output_dir) / "final"
-    with explain_disk_full(final, "the final model", resume_hint(output_dir)):
+    with explain_disk_full(final, "the final model", lambda: resume_hint(output_dir)):
         return D.save_on_main(run, save, final)
 
 
