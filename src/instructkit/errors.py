@@ -15,3 +15,10 @@ class DataError(UserError):
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the message carries a diagnosis."""
+
+
+def snippet(text, n: int = 200) -> str:
+    """Some user text (a prompt, a server's reply) quoted on one line of a message: whitespace
+    collapsed, cut at ``n`` characters."""
+    text = " ".join(str(text).split())
+    return repr(text[:n] + ("..." if len(text) > n else ""))

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from instructkit.errors import UserError
+from instructkit.errors import UserError, snippet
 from instructkit.generate import left_pad, stop_token_ids
 from instructkit.losses.sft import IGNORE_INDEX, token_logprobs
 from instructkit.models.adapters import unwrap
@@ -546,13 +546,8 @@ def _reward_failure(fn: Callable, name: str, e: Exception, prompts: list[str], r
         try:
             fn([p], [r])
         except Exception:  # noqa: BLE001 - looking for the input it fails on
-            return f"{what} on response {i} of the batch; prompt: {_clip(p)}; response: {_clip(r)}"
+            return f"{what} on response {i} of the batch; prompt: {snippet(p, 120)}; response: {snippet(r, 120)}"
     return f"{what} on the batch of {len(responses)} responses (each alone scores without error)"
-
-
-def _clip(text: str, n: int = 120) -> str:
-    text = " ".join(str(text).split())
-    return repr(text[:n] + ("..." if len(text) > n else ""))
 
 
 def score_responses(reward_fn, batch: RolloutBatch, micro_batch_size: int = 8) -> torch.Tensor:

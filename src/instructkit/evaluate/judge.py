@@ -7,8 +7,9 @@ Backends:
   "temperature": 0, "max_tokens"}`` over ``urllib`` (no extra dependency); the API key, when
   ``judge.api_key_env`` names an environment variable, goes in an ``Authorization: Bearer``
   header and nowhere else; ``user:password@`` in ``judge.base_url`` is sent as basic auth. Both
-  are masked in every message, including server replies that echo them. Connection errors, timeouts, 429 and 5xx are retried with
-  exponential backoff; requests run ``judge.concurrency`` at a time.
+  are masked in every message, including server replies that echo them. Connection errors,
+  timeouts, 429 and 5xx are retried with exponential backoff; requests run
+  ``judge.concurrency`` at a time.
 - ``hf``: a local Hugging Face model, greedy, through :func:`instructkit.generate.generate_responses`.
 
 The prompts come from Markdown files users can replace (``judge.rubric_path``,
@@ -39,7 +40,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
-from instructkit.errors import ConfigError, UserError
+from instructkit.errors import ConfigError, UserError, snippet
 from instructkit.redact import mask_text
 
 log = logging.getLogger("instructkit.evaluate")
@@ -238,7 +239,7 @@ class OpenAIJudge(JudgeBackend):
                 continue
             text = mask_text(raw.decode("utf-8", errors="replace"), self._secrets)  # a server may echo the key
             if status == 429 or status >= 500:
-                last = f"answered HTTP {status}: {_snippet(text)}"
+                last = f"answered HTTP {status}: {snippet(text)}"
                 continue
             if status >= 400:
                 hint = {401: "check the API key (judge.api_key_env)",
@@ -246,12 +247,12 @@ class OpenAIJudge(JudgeBackend):
                         404: "check judge.base_url (usually ends in /v1) and judge.model"}.get(
                             status, "check judge.model and judge.base_url")
                 raise UserError(
-                    f"judge endpoint {self.url} answered HTTP {status}: {_snippet(text)}; {hint}"
+                    f"judge endpoint {self.url} answered HTTP {status}: {snippet(text)}; {hint}"
                 )
             reply = _chat_content(text)
             if reply is None:
                 last = ("answered with something that is not a chat-completions response: "
-                        f"{_snippet(text)}")
+                        f"{snippet(text)}")
                 continue
             return reply
         if last.startswith("not reachable"):
@@ -315,11 +316,6 @@ def _split_credentials(url: str) -> tuple[str, str]:
         return url, ""
     userinfo, host = parts.netloc.rsplit("@", 1)
     return urllib.parse.urlunsplit(parts._replace(netloc=host)), urllib.parse.unquote(userinfo)
-
-
-def _snippet(text: str, n: int = 200) -> str:
-    text = " ".join(text.split())
-    return repr(text[:n] + ("..." if len(text) > n else ""))
 
 
 class HFJudge(JudgeBackend):
