@@ -6,7 +6,7 @@ import torch
 from instructkit.config import TrainConfig
 from instructkit.engine import checkpoint as C
 from instructkit.engine.batches import BatchStream
-from instructkit.engine.optim import build_optimizer, lr_at
+from instructkit.engine.optim import build_optimizer, lr_multiplier
 from instructkit.engine.runtime import get_rng_state, set_rng_state
 from instructkit.engine.step import StepGuard, optimizer_step
 from instructkit.errors import TrainingDiverged
@@ -14,13 +14,13 @@ from instructkit.errors import TrainingDiverged
 
 def test_warmup_then_cosine_to_min_lr():
     t = TrainConfig(max_steps=10, lr=1.0, min_lr=0.1, warmup_steps=2)
-    lrs = [lr_at(s, 10, t) for s in range(10)]
+    lrs = [lr_multiplier(s, 10, t) for s in range(10)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0  # linear warmup reaches lr
     assert lrs[2] == 1.0  # cosine starts at the top
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
-    assert math.isclose(lr_at(10, 10, t), 0.1)
+    assert math.isclose(lr_multiplier(10, 10, t), 0.1)
     t2 = TrainConfig(max_steps=10, lr=1.0, warmup_fraction=0.5, schedule="constant")
-    assert [lr_at(s, 10, t2) for s in (0, 4, 5, 9)] == [0.2, 1.0, 1.0, 1.0]
+    assert [lr_multiplier(s, 10, t2) for s in (0, 4, 5, 9)] == [0.2, 1.0, 1.0, 1.0]
 
 
 def test_batch_stream_resumes_and_crosses_epochs():

@@ -9,7 +9,6 @@ import torch
 from instructkit.losses.sft import IGNORE_INDEX
 
 
-
 def collate(
     examples: Sequence[dict],
     rows: Sequence[Sequence[int]],

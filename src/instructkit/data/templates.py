@@ -27,7 +27,6 @@ from typing import Any, Sequence
 from instructkit.errors import DataError
 from instructkit.losses.sft import IGNORE_INDEX  # the label no loss is computed for
 
-
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."

@@ -9,6 +9,7 @@ from pathlib import Path
 from instructkit.config import LogConfig
 from instructkit.redact import redact
 
+
 def truncate_jsonl(path: Path, step: int | None) -> None:
     """Keep the records of ``path`` up to ``step`` (a resumed run continues one curve, with no
     step twice); ``step=None`` (a fresh run) empties it. A line cut by a crash is dropped."""

@@ -81,11 +81,6 @@ def lr_multiplier(step: int, total_steps: int, t: TrainConfig) -> float:
     return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_at(step: int, total_steps: int, t: TrainConfig) -> float:
-    """The learning rate of a group at base rate ``train.lr`` at step ``step``."""
-    return t.lr * lr_multiplier(step, total_steps, t)
-
-
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
     """Every group at its base rate times the schedule's ``multiplier``."""
     for g in optimizer.param_groups:

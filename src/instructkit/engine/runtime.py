@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 
-
 def autocast(precision: str, device: torch.device):
     """bf16-mixed: fp32 master weights, matmuls in bf16. Other precisions run as loaded."""
     if precision == "bf16-mixed":

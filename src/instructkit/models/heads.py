@@ -41,15 +41,12 @@ log = logging.getLogger("instructkit.models")
 MEAN_KEY = "instructkit_reward_mean"
 STD_KEY = "instructkit_reward_std"
 
-"""Why the DeepSpeed-Chat setting ``num_padding_at_beginning`` is rejected.
-
-DeepSpeed-Chat's reward model found the end of a sequence by searching ``input_ids`` for the
-pad id and took the ``num_padding_at_beginning``-th hit, skipping that many pad-id tokens at
-the start ("OPT model has a fixed number (1) of padding tokens at the beginning of the input":
-OPT sequences open with ``</s>``, the id those scripts also padded with). The search depends on
-token ids; :func:`reward_scores` uses :func:`~instructkit.losses.preference.last_token_index`
-of the attention mask instead, which needs no per-model offset. The config loader turns the
-key into a ConfigError with this message."""
+# DeepSpeed-Chat's ``num_padding_at_beginning`` is rejected by the config loader (see
+# instructkit.config.NUM_PADDING_AT_BEGINNING_MESSAGE): that reward model found the end of a
+# sequence by searching ``input_ids`` for the pad id and took the ``num_padding_at_beginning``-th
+# hit (OPT sequences open with ``</s>``, the id those scripts also padded with). ``reward_scores``
+# reads the last real token from the attention mask (``last_token_index``) instead, which needs
+# no per-model offset.
 
 
 # --------------------------------------------------------------------------- loading

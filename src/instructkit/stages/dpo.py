@@ -17,19 +17,19 @@ import torch
 
 from instructkit import data
 from instructkit import models as M
-from instructkit.models import resolve_device
 from instructkit.config import AdapterConfig, DPOConfig, to_dict
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import completion_logps, to_device
-from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import autocast, seed_everything
 from instructkit.generate import log_samples
 from instructkit.losses.preference import (
     dpo_conservative_loss, dpo_hinge_loss, dpo_metrics, dpo_sigmoid_loss, ipo_loss,
 )
+from instructkit.models import resolve_device
+from instructkit.redact import redact
 
 LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss, "hinge": dpo_hinge_loss,
           "conservative": dpo_conservative_loss}

@@ -30,8 +30,6 @@ import torch
 from torch import nn
 
 from instructkit import models as M
-from instructkit.models import resolve_device
-from instructkit.losses import rl
 from instructkit import rollout as RO
 from instructkit.atomic import replace_dir
 from instructkit.config import AdapterConfig, PPOConfig, to_dict
@@ -40,11 +38,13 @@ from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger, ProgressBar
-from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer, lr_multiplier, set_lr, total_steps
 from instructkit.engine.runtime import autocast, peak_memory_gb, seed_everything
 from instructkit.engine.step import StepGuard, optimizer_step
 from instructkit.errors import UserError
+from instructkit.losses import rl
+from instructkit.models import resolve_device
+from instructkit.redact import redact
 
 
 @dataclass

@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 
 from instructkit import models as M
-from instructkit.models import resolve_device
 from instructkit.config import ModelConfig, PretrainConfig, to_dict
 from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
+from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
-from instructkit.engine import distributed as dist
 from instructkit.engine.lm import evaluate_lm, lm_loss, target_count, warn_if_unchunked
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import seed_everything
 from instructkit.errors import DataError, UserError
+from instructkit.models import resolve_device
 from instructkit.redact import redact
 from instructkit.shapes import llama_shape
 

@@ -15,18 +15,18 @@ import torch
 
 from instructkit import data
 from instructkit import models as M
-from instructkit.models import resolve_device
 from instructkit.config import RMConfig, to_dict
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import to_device
-from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import autocast, seed_everything
 from instructkit.losses.preference import (
     ranked_pairs, ranked_reward_loss, reward_centering_term, reward_metrics,
 )
+from instructkit.models import resolve_device
+from instructkit.redact import redact
 
 
 @dataclass

@@ -11,16 +11,16 @@ from pathlib import Path
 
 from instructkit import data
 from instructkit import models as M
-from instructkit.models import resolve_device
 from instructkit.config import SFTConfig, to_dict
 from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import evaluate_lm, lm_loss, target_count, warn_if_unchunked
-from instructkit.redact import redact
 from instructkit.engine.optim import build_optimizer
 from instructkit.engine.runtime import seed_everything
 from instructkit.generate import log_samples
+from instructkit.models import resolve_device
+from instructkit.redact import redact
 
 
 @dataclass
