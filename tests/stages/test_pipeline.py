@@ -37,17 +37,17 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, monkeypatch, capsys
 
 def test_interrupted_stage_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    from instructkit.engine import fit as F
+    from instructkit.engine import run as R
 
     cfg = load(tmp_path, "stages=[sft]", "sft.train.save_every=5")
-    real = F.optimizer_step
+    real = R.optimizer_step
 
     def killed(model, optimizer, max_grad_norm, guard, loss, step):
         if step == 7:
             raise KeyboardInterrupt
         return real(model, optimizer, max_grad_norm, guard, loss, step)
 
-    monkeypatch.setattr(F, "optimizer_step", killed)
+    monkeypatch.setattr(R, "optimizer_step", killed)
     with pytest.raises(KeyboardInterrupt):
         P.run(cfg)
     monkeypatch.undo()
@@ -79,21 +79,21 @@ def test_a_pipeline_rerun_after_a_kill_equals_an_uninterrupted_one(tmp_path, mon
     random numbers, the cold one did)."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("INSTRUCTKIT_CACHE", str(tmp_path / "cache"))
-    from instructkit.engine import fit as F
+    from instructkit.engine import run as R
 
     def run(name):
         return P.load_pipeline_config(REPO / "configs/tiny/pipeline.yaml",
                                       [f"output_dir={tmp_path / name}", "stages=[sft,rm]"])
 
     P.run(run("whole"))
-    real = F.optimizer_step
+    real = R.optimizer_step
 
     def killed_in_rm(model, optimizer, max_grad_norm, guard, loss, step):
         if step == 3 and model.config.num_labels == 1 and getattr(model, "score", None) is not None:
             raise KeyboardInterrupt
         return real(model, optimizer, max_grad_norm, guard, loss, step)
 
-    monkeypatch.setattr(F, "optimizer_step", killed_in_rm)
+    monkeypatch.setattr(R, "optimizer_step", killed_in_rm)
     with pytest.raises(KeyboardInterrupt):
         P.run(run("cut"))
     monkeypatch.undo()

@@ -147,13 +147,13 @@ def test_value_head_starts_from_the_reward_model(tmp_path):
 
 
 def test_ppo_resumes_exactly(tmp_path, monkeypatch):
-    from instructkit.engine import step as S
+    from instructkit.engine import run as R
 
     common = ["train.max_steps=4", "train.save_every=2", "ppo.ptx_coef=0.1",
               f"ppo.ptx_data={REPO / 'data/selfinstruct_seed_tasks.jsonl'}"]
     ppo.run(ppo_cfg(tmp_path, *common, name="full"))
     cut = ppo_cfg(tmp_path, *common, name="cut")
-    real = ppo.optimizer_step
+    real = R.optimizer_step
     calls = {"n": 0}
 
     def flaky(model, optimizer, max_grad_norm, guard, loss, step):
@@ -161,7 +161,7 @@ def test_ppo_resumes_exactly(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(model, optimizer, max_grad_norm, guard, loss, step)
 
-    monkeypatch.setattr(ppo, "optimizer_step", flaky)
+    monkeypatch.setattr(R, "optimizer_step", flaky)
     with pytest.raises(KeyboardInterrupt):
         ppo.run(cut)
     monkeypatch.undo()
@@ -212,23 +212,23 @@ def _update_grads(actors, cfg, exp, batch, monkeypatch):
     of the policy ran (twice per pass when checkpointing recomputes it in backward; counted at its
     first norm, since transformers' checkpointing calls the layer's forward, not its hooks)."""
     from instructkit import models as M
-    from instructkit.engine.step import StepGuard
 
     grads, calls = {}, []
 
-    def capture(model, optimizer, max_grad_norm, guard, loss, step):
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                grads[n] = p.grad.clone()
-        optimizer.zero_grad(set_to_none=True)
+    class CapturingRun:  # a TrainingRun whose optimizer step only records the gradients
+        optimizer = ppo.build_ppo_optimizer(actors, cfg, torch.device("cpu"))
 
-    monkeypatch.setattr(ppo, "optimizer_step", capture)
+        def optimizer_step(self, loss, max_grad_norm):
+            for n, p in actors.trainable.named_parameters():
+                if p.grad is not None:
+                    grads[n] = p.grad.clone()
+            self.optimizer.zero_grad(set_to_none=True)
+
     layer = M.decoder_layers(actors.policy)[0].input_layernorm
     hook = layer.register_forward_pre_hook(lambda *a: calls.append(1))
     torch.manual_seed(0)
     try:
-        ppo.ppo_update(actors, ppo.build_ppo_optimizer(actors, cfg, torch.device("cpu")), exp, batch, cfg,
-                       StepGuard(5), 0, None, policy_on=True)
+        ppo.ppo_update(actors, CapturingRun(), exp, batch, cfg, None, policy_on=True)
     finally:
         hook.remove()
     return grads, len(calls)

@@ -151,19 +151,19 @@ def test_full_finetune_dpo_with_precomputed_reference(tmp_path):
 
 @pytest.mark.parametrize("stage,cls", [(rm, RMConfig), (dpo, DPOConfig)])
 def test_preference_stages_resume_exactly(tmp_path, monkeypatch, stage, cls):
-    from instructkit.engine import fit as F
+    from instructkit.engine import run as R
 
     common = ["adapter.kind=lora", "train.max_steps=6", "train.save_every=2"]
     stage.run(cfg_of(cls, tmp_path, *common, name="full"))
     cut = cfg_of(cls, tmp_path, *common, name="cut")
-    real = F.optimizer_step
+    real = R.optimizer_step
 
     def flaky(model, optimizer, max_grad_norm, guard, loss, step):
         if step == 4:
             raise KeyboardInterrupt
         return real(model, optimizer, max_grad_norm, guard, loss, step)
 
-    monkeypatch.setattr(F, "optimizer_step", flaky)
+    monkeypatch.setattr(R, "optimizer_step", flaky)
     with pytest.raises(KeyboardInterrupt):
         stage.run(cut)
     monkeypatch.undo()

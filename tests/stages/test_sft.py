@@ -98,16 +98,16 @@ def test_full_finetune_overfits_eight_examples(tmp_path):
 
 
 def _interrupt_at(monkeypatch, step_to_fail):
-    from instructkit.engine import fit as F
+    from instructkit.engine import run as R
 
-    real = F.optimizer_step
+    real = R.optimizer_step
 
     def flaky(model, optimizer, max_grad_norm, guard, loss, step):
         if step == step_to_fail:
             raise KeyboardInterrupt("simulated kill")
         return real(model, optimizer, max_grad_norm, guard, loss, step)
 
-    monkeypatch.setattr(F, "optimizer_step", flaky)
+    monkeypatch.setattr(R, "optimizer_step", flaky)
 
 
 @pytest.mark.parametrize("kind", ["lora", "none"])

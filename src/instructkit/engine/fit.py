@@ -3,9 +3,9 @@
 A stage supplies what differs: how an epoch is planned into micro-batches, how a micro-batch
 is collated, what its loss is summed over and the summed loss itself, and how to evaluate.
 ``fit`` does the rest in one visible loop: gradient accumulation and its normalisation over
-micro-batches and ranks (:func:`accumulate`, the one place that rule is written), the
-learning-rate schedule, the guarded optimizer step, metrics, progress, evaluation and early
-stopping, checkpoints, and exact resume.
+micro-batches and ranks (:func:`accumulate`, the one place that rule is written), evaluation
+and early stopping; the schedule, the guarded optimizer step, metrics, progress, checkpoints
+and exact resume are the :class:`~instructkit.engine.run.TrainingRun` it holds, as PPO does.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import torch
 from instructkit.config import LogConfig, TrainConfig, accumulation, effective_batch_size
 from instructkit.engine import distributed as D
 from instructkit.engine import run as R
-from instructkit.engine.batches import BatchStream
-from instructkit.engine.logging import MetricsLogger, ProgressBar
-from instructkit.engine.optim import lr_multiplier, set_lr, total_steps
+from instructkit.engine.logging import MetricsLogger
+from instructkit.engine.optim import total_steps
 from instructkit.engine.runtime import peak_memory_gb
-from instructkit.engine.step import StepGuard, optimizer_step
 
 
 @dataclass
@@ -52,7 +50,7 @@ class FitResult:
     stopped_early: bool
 
 
-def accumulate(run: D.Wrapped, stage: Stage, specs: list) -> tuple[float, list]:
+def accumulate(wrapped: D.Wrapped, stage: Stage, specs: list) -> tuple[float, list]:
     """Forward and backward over one optimizer step's micro-batches (this rank's share).
 
     Each micro-batch's summed loss is divided by the count of the WHOLE step over all ranks, so
@@ -65,7 +63,7 @@ def accumulate(run: D.Wrapped, stage: Stage, specs: list) -> tuple[float, list]:
     denom = max(n, 1) / D.world_size()
     loss_sum, parts = torch.zeros(()), []  # summed where the loss is: one sync per step
     for i, batch in enumerate(batches):
-        with run.grad_sync(i == len(batches) - 1):
+        with wrapped.grad_sync(i == len(batches) - 1):
             loss, part = stage.loss(batch)
             (loss / denom).backward()
         loss_sum = loss_sum.to(loss.device) + loss.detach().float()
@@ -75,63 +73,47 @@ def accumulate(run: D.Wrapped, stage: Stage, specs: list) -> tuple[float, list]:
     return D.global_sum(float(loss_sum)) / max(n, 1), parts
 
 
-def fit(stage: Stage, run: D.Wrapped, optimizer, t: TrainConfig, log_cfg: LogConfig,
+def fit(stage: Stage, wrapped: D.Wrapped, optimizer, t: TrainConfig, log_cfg: LogConfig,
         out: Path, config_dict: dict, device: torch.device, precision: str, attn: str,
         resume: bool, allow_new_data: bool = False) -> FitResult:
     per_epoch = len(stage.plan(0))
     world = D.world_size()  # under torchrun each step takes grad_accum micro-batches per rank
-    total = total_steps(t, per_epoch, world)
-    stream = BatchStream(stage.plan)
-    guard = StepGuard(t.max_nonfinite_steps, precision, attn, t.lr)
-    identity = R.run_identity(stage.name, config_dict)  # checked on resume, kept in every checkpoint
-    start, loop, _ = (R.restore(out, run, optimizer, stream, guard, identity, allow_new_data) if resume
-                      else (0, R.new_loop_state(), {}))
+    run = R.TrainingRun(stage.name, out, wrapped, optimizer, stage.plan, total_steps(t, per_epoch, world), t,
+                        log_cfg, config_dict, precision, attn, resume, allow_new_data)
+    run.log_start({"effective_batch_size": effective_batch_size(t, world), **stage.start_metrics})
+    if t.eval_at_start and run.step == 0 and (first := stage.evaluate()):
+        run.log(first)
 
-    logger = MetricsLogger(out, log_cfg, config_dict, resume_step=start if resume else None, main=D.is_main())
-    trainable = sum(p.numel() for p in run.module.parameters() if p.requires_grad)
-    logger.log(start, {"event": "start", "total_steps": total, "effective_batch_size": effective_batch_size(t, world),
-                       "world_size": world,
-                       "trainable_params": trainable, **stage.start_metrics})
-    if t.eval_at_start and start == 0 and (first := stage.evaluate()):
-        logger.log(0, first)
-    bar = ProgressBar(total, start, log_cfg.progress and D.is_main(), stage.name)
-
-    run.module.train()
+    wrapped.module.train()
     loss, stopped_early, eval_metrics = float("nan"), False, {}
     t0, tokens = time.perf_counter(), 0
-    step = start
-    while step < total:
-        set_lr(optimizer, lr_multiplier(step, total, t))
-        specs = stream.take(accumulation(t, world) * world)  # the same global list on every rank
-        loss, parts = accumulate(run, stage, D.rank_slice(specs))  # the loss: over all ranks
+    while run.step < run.total:
+        run.set_lr()
+        specs = run.stream.take(accumulation(t, world) * world)  # the same global list on every rank
+        loss, parts = accumulate(wrapped, stage, D.rank_slice(specs))  # the loss: over all ranks
         extra = stage.metrics(parts) if stage.metrics is not None else {}
         tokens += stage.tokens(specs)
-        result = optimizer_step(run.module, optimizer, t.max_grad_norm, guard, loss, step)
-        step += 1
-        if R.due(step, log_cfg.every, total):
+        result = run.optimizer_step(loss, t.max_grad_norm)
+        run.step += 1
+        if R.due(run.step, log_cfg.every, run.total):
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
-            loop["tokens_seen"] += tokens
-            logger.log(step, {
-                "loss": loss, **extra, "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": result.grad_norm, "tokens_per_s": rate,
-                "peak_mem_gb": peak_memory_gb(device), "skipped_steps": guard.total,
-                "epoch": stream.epoch + stream.index / max(per_epoch, 1),
-            })
-            bar.update(step, loss=loss, tok_s=rate)
+            run.loop["tokens_seen"] += tokens
+            run.log({"loss": loss, **extra, "lr": run.lr(), "grad_norm": result.grad_norm, "tokens_per_s": rate,
+                     "peak_mem_gb": peak_memory_gb(device), "skipped_steps": run.guard.total,
+                     "epoch": run.stream.epoch + run.stream.index / max(per_epoch, 1)},
+                    loss=loss, tok_s=rate)
             t0, tokens = time.perf_counter(), 0
         if stage.on_step is not None:
-            stage.on_step(step, logger)
-        if R.due(step, t.eval_every, total):
+            stage.on_step(run.step, run.logger)
+        if R.due(run.step, t.eval_every, run.total):
             eval_metrics = stage.evaluate()
             if eval_metrics:
-                logger.log(step, eval_metrics)
-                stopped_early = R.early_stop(loop, eval_metrics.get("eval_loss"), t.early_stopping_patience)
-        if R.due(step, t.save_every) or stopped_early:
-            R.save(out, step, run, optimizer, loop, stream, guard, t.keep_last, identity=identity)
+                run.log(eval_metrics)
+                stopped_early = R.early_stop(run.loop, eval_metrics.get("eval_loss"), t.early_stopping_patience)
+        if R.due(run.step, t.save_every) or stopped_early:
+            run.save()
         if stopped_early:
-            logger.log(step, {"event": "early_stop", "best_eval_loss": loop["best_eval"]})
+            run.log({"event": "early_stop", "best_eval_loss": run.loop["best_eval"]})
             break
-    bar.close()
-    logger.log(step, {"event": "end"})
-    logger.close()
-    return FitResult(step, loss, eval_metrics, stopped_early)
+    run.end()
+    return FitResult(run.step, loss, eval_metrics, stopped_early)

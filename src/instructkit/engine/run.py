@@ -1,5 +1,7 @@
-"""Run bookkeeping shared by the training stages: output folder, resume, periodic checkpoints,
-evaluation schedule and early stopping. Small functions, so each stage's loop stays visible."""
+"""Run bookkeeping shared by the training stages: the output folder, :class:`TrainingRun` (the
+schedule, guard, metrics, progress, checkpoints and resume around a loop's steps, the same for
+``fit`` and the rollout stages), evaluation schedule and early stopping. Small pieces, so each
+stage's loop stays visible."""
 
 from __future__ import annotations
 
@@ -11,14 +13,17 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from instructkit.atomic import explain_disk_full, sha256_file
+from instructkit.config import LogConfig, TrainConfig
 from instructkit.engine import checkpoint as C
 from instructkit.engine import distributed as D
 from instructkit.engine.batches import BatchStream
+from instructkit.engine.logging import MetricsLogger, ProgressBar
+from instructkit.engine.optim import lr_multiplier, set_lr
 from instructkit.engine.runtime import get_rng_state, set_rng_state
-from instructkit.engine.step import StepGuard
+from instructkit.engine.step import StepGuard, StepResult, optimizer_step
 from instructkit.errors import UserError
 
 
@@ -261,6 +266,74 @@ def resume_hint(output_dir: Path) -> str:
     if last is None:
         return "no checkpoint had been written yet (train.save_every), so nothing is lost but the run"
     return f"the last checkpoint, {last}, is intact: fix the cause and add --resume to go on from it"
+
+
+class TrainingRun:
+    """What every training loop keeps around its steps: the learning-rate schedule, the step
+    guard, the batch stream, metrics and progress, checkpoints and exact resume. ``fit`` and
+    PPO hold one each, and a loop over it reads::
+
+        while run.step < run.total:
+            run.set_lr()
+            ...                                  # the stage's forward and backward passes
+            run.optimizer_step(loss, max_grad_norm)
+            run.step += 1
+            run.log(metrics, loss=...)           # and the progress bar's fields
+            if due(run.step, t.save_every):
+                run.save()
+        run.end()
+
+    On ``resume`` the newest intact checkpoint is loaded (:func:`restore`) into the model,
+    optimizer, stream, guard and RNG, and ``step`` and ``loop`` (the state a stage keeps in
+    its checkpoints: tokens seen, the best eval loss, PPO's KL controller) continue from it.
+    """
+
+    def __init__(self, name: str, out: Path, wrapped: D.Wrapped, optimizer, plan: Callable[[int], Sequence],
+                 total: int, t: TrainConfig, log_cfg: LogConfig, config_dict: dict, precision: str, attn: str,
+                 resume: bool, allow_new_data: bool = False):
+        self.name, self.out, self.wrapped, self.optimizer, self.total, self.t = name, Path(out), wrapped, optimizer, total, t
+        self.stream = BatchStream(plan)
+        self.guard = StepGuard(t.max_nonfinite_steps, precision, attn, t.lr)
+        self.identity = run_identity(name, config_dict)  # checked on resume, kept in every checkpoint
+        self.step, self.loop, _ = (restore(self.out, wrapped, optimizer, self.stream, self.guard, self.identity,
+                                           allow_new_data) if resume else (0, new_loop_state(), {}))
+        self.logger = MetricsLogger(self.out, log_cfg, config_dict, resume_step=self.step if resume else None,
+                                    main=D.is_main())
+        self.bar = ProgressBar(total, self.step, log_cfg.progress and D.is_main(), name)
+
+    def log_start(self, metrics: dict) -> None:
+        """The run's first record: total steps, world size, trainable parameters and ``metrics``."""
+        trainable = sum(p.numel() for p in self.wrapped.module.parameters() if p.requires_grad)
+        self.logger.log(self.step, {"event": "start", "total_steps": self.total, "world_size": D.world_size(),
+                                    "trainable_params": trainable, **metrics})
+
+    def set_lr(self) -> None:
+        """This step's learning rate: the schedule's multiplier of each group's base rate."""
+        set_lr(self.optimizer, lr_multiplier(self.step, self.total, self.t))
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def optimizer_step(self, loss: float, max_grad_norm: float | None) -> StepResult:
+        """Clip, guard and update (:func:`~instructkit.engine.step.optimizer_step`); ``loss`` is
+        the step's loss over all ranks, so every rank skips or takes the step together."""
+        return optimizer_step(self.wrapped.module, self.optimizer, max_grad_norm, self.guard, loss, self.step)
+
+    def log(self, metrics: dict, **progress) -> None:
+        """``metrics`` as the record of the current step; ``progress`` fields (if any) to the bar."""
+        self.logger.log(self.step, metrics)
+        if progress:
+            self.bar.update(self.step, **progress)
+
+    def save(self) -> Path:
+        """A checkpoint of the current step: model, optimizer, ``loop``, stream, guard and RNG."""
+        return save(self.out, self.step, self.wrapped, self.optimizer, self.loop, self.stream, self.guard,
+                    self.t.keep_last, identity=self.identity)
+
+    def end(self) -> None:
+        self.bar.close()
+        self.logger.log(self.step, {"event": "end"})
+        self.logger.close()
 
 
 def due(step: int, every: int, total: int | None = None) -> bool:

@@ -37,10 +37,9 @@ from instructkit.data.prompts import load_prompts
 from instructkit.engine import distributed as dist
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
-from instructkit.engine.logging import MetricsLogger, ProgressBar
-from instructkit.engine.optim import build_optimizer, lr_multiplier, set_lr, total_steps
+from instructkit.engine.logging import MetricsLogger
+from instructkit.engine.optim import build_optimizer, total_steps
 from instructkit.engine.runtime import autocast, peak_memory_gb, seed_everything
-from instructkit.engine.step import StepGuard, optimizer_step
 from instructkit.errors import UserError
 from instructkit.losses import rl
 from instructkit.models import resolve_device
@@ -305,64 +304,52 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
         n = cfg.rollout.prompts_per_step * world
         return [order[i:i + n] for i in range(0, len(order) - n + 1, n)] or [order]
 
-    total = total_steps(t, len(plan(0)))  # a plan entry is one step of every rank (train.grad_accum is 1)
-    stream = BatchStream(plan)
-    guard = StepGuard(t.max_nonfinite_steps, cfg.policy.precision, cfg.policy.attn_implementation, t.lr)
     kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target is not None
               else rl.FixedKLController(p.kl_coef))
     moments = rl.RunningMoments()
-    identity = R.run_identity("ppo", redact(to_dict(cfg)))
-    start, loop, _ = (R.restore(out, actors.wrapped, optimizer, stream, guard, identity, allow_new_data) if resume
-                      else (0, R.new_loop_state(), {}))
-    if "kl_ctl" in loop:
-        kl_ctl.load_state_dict(loop["kl_ctl"]), moments.load_state_dict(loop["moments"])
+    # a plan entry is one step of every rank (train.grad_accum is 1)
+    run = R.TrainingRun("ppo", out, actors.wrapped, optimizer, plan, total_steps(t, len(plan(0))), t, cfg.log,
+                        redact(to_dict(cfg)), cfg.policy.precision, cfg.policy.attn_implementation, resume,
+                        allow_new_data)
+    if "kl_ctl" in run.loop:
+        kl_ctl.load_state_dict(run.loop["kl_ctl"]), moments.load_state_dict(run.loop["moments"])
         if ptx is not None:
-            ptx.stream.load_state_dict(loop["ptx_stream"])
-    logger = MetricsLogger(out, cfg.log, redact(to_dict(cfg)), resume_step=start if resume else None,
-                           main=dist.is_main())
-    logger.log(start, {"event": "start", "total_steps": total, "n_prompts": len(prompts), "world_size": world,
-                       "layout": "shared_base" if actors.shared else "separate",
-                       "trainable_params": M.count_parameters(actors.trainable)[0]})
-    bar = ProgressBar(total, start, cfg.log.progress and dist.is_main(), "ppo")
+            ptx.stream.load_state_dict(run.loop["ptx_stream"])
+    run.log_start({"n_prompts": len(prompts), "layout": "shared_base" if actors.shared else "separate"})
     metrics: dict = {}
-    step = start
-    while step < total:
-        set_lr(optimizer, lr_multiplier(step, total, t))
-        batch_prompts = [prompts[i] for i in dist.rank_slice(stream.next())]  # this rank's share
+    while run.step < run.total:
+        run.set_lr()
+        batch_prompts = [prompts[i] for i in dist.rank_slice(run.stream.next())]  # this rank's share
         try:
             exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
                                                        reward_stats, reward_fn, stop_ids)
         except UserError as e:  # e.g. the reward function failed: say where the run can go on from
-            raise type(e)(f"step {step + 1}: {e}; {R.resume_hint(out)}") from None
+            raise type(e)(f"step {run.step + 1}: {e}; {R.resume_hint(out)}") from None
         if cfg.ppo.offload_frozen:
             actors.frozen_to("cpu")
         t0 = time.perf_counter()
-        update_metrics = ppo_update(actors, optimizer, exp, batch, cfg, guard, step, ptx,
-                                    policy_on=step >= p.value_warmup_steps)
+        update_metrics = ppo_update(actors, run, exp, batch, cfg, ptx, policy_on=run.step >= p.value_warmup_steps)
         metrics.update(update_metrics, time_train=time.perf_counter() - t0)
         if cfg.ppo.offload_frozen:
             actors.frozen_to(device)
         kl_ctl.update(metrics["kl"], len(batch) * world)
-        step += 1
-        metrics.update(kl_coef=kl_ctl.value, lr=optimizer.param_groups[0]["lr"], skipped_steps=guard.total,
+        run.step += 1
+        metrics.update(kl_coef=kl_ctl.value, lr=run.lr(), skipped_steps=run.guard.total,
                        peak_mem_gb=peak_memory_gb(device),
                        **mean_over_ranks({"explained_variance": rl.explained_variance(
                            exp["values"], exp["returns"], exp["mask"])}))
-        logger.log(step, metrics)
+        run.log(metrics, reward=metrics["reward_mean"], kl=metrics["kl"])
         if dist.is_main():
-            write_samples(out, logger, step, batch, raw, cfg.log.every)
-        bar.update(step, reward=metrics["reward_mean"], kl=metrics["kl"])
-        loop.update(kl_ctl=kl_ctl.state_dict(), moments=moments.state_dict())
+            write_samples(out, run.logger, run.step, batch, raw, cfg.log.every)
+        run.loop.update(kl_ctl=kl_ctl.state_dict(), moments=moments.state_dict())
         if ptx is not None:
-            loop["ptx_stream"] = ptx.stream.state_dict()
-        if R.due(step, t.save_every):
-            R.save(out, step, actors.wrapped, optimizer, loop, stream, guard, t.keep_last, identity=identity)
-    bar.close()
+            run.loop["ptx_stream"] = ptx.stream.state_dict()
+        if R.due(run.step, t.save_every):
+            run.save()
+    run.end()
     final = R.publish_final(out, actors.wrapped, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"))
-    logger.log(step, {"event": "end"})
-    logger.close()
     R.release_output_dir(out)
-    return PPOResult(out, final, step, metrics, actors)
+    return PPOResult(out, final, run.step, metrics, actors)
 
 
 def rollout_stop_ids(cfg: PPOConfig, tokenizer, policy) -> list[int]:
@@ -390,9 +377,10 @@ def build_ppo_optimizer(actors: Actors, cfg: PPOConfig, device):
                            cfg.train, device)
 
 
-def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg: PPOConfig,
-               guard: StepGuard, step: int, ptx, policy_on: bool) -> dict:
-    """PPO epochs over the rollout in shuffled mini-batches; returns mean statistics."""
+def ppo_update(actors: Actors, run: R.TrainingRun, exp: dict, batch: RO.RolloutBatch, cfg: PPOConfig,
+               ptx, policy_on: bool) -> dict:
+    """PPO epochs over the rollout in shuffled mini-batches, each an optimizer step of ``run``
+    (its guard, at its current step); returns mean statistics."""
     p, device, precision = cfg.ppo, actors.device, cfg.policy.precision
     stats: dict[str, list[float]] = {}
     n = len(batch)
@@ -429,10 +417,8 @@ def ppo_update(actors: Actors, optimizer, exp: dict, batch: RO.RolloutBatch, cfg
                 v_loss, vf_loss, vf_stats = actors.run(value_pass)
                 v_loss.backward()
             loss = (float(loss.detach()) if policy_on else 0.0) + float(v_loss.detach())
-            norms = clip_groups(optimizer, cfg.train.max_grad_norm, actors.trainable)
-            # the mean over ranks: every rank skips (or takes) the step together
-            loss_value = dist.global_sum(loss) / dist.world_size()
-            optimizer_step(actors.trainable, optimizer, None, guard, loss_value, step)
+            norms = clip_groups(run.optimizer, cfg.train.max_grad_norm, actors.trainable)
+            run.optimizer_step(dist.global_sum(loss) / dist.world_size(), None)  # the mean over ranks
             for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats,
                          "entropy": rl.masked_mean(entropy.detach(), e["mask"]), **norms}.items():
                 stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
