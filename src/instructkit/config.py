@@ -90,6 +90,31 @@ class DataConfig:
 
 
 @dataclass
+class PreferenceDataConfig:
+    """The data section of the preference stages (rm, dpo): what they read, no more."""
+    train: str = ""  # a file or a datasets name; formats pairs, hh, ranked, oasst
+    format: Literal["auto", "pairs", "hh", "ranked", "oasst"] = "auto"
+    split: str = "train"
+    fields: dict[str, str] = field(default_factory=dict)
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    system_prompt: str | None = None
+    max_seq_len: int = 1024
+    validation: str | None = None
+    val_fraction: float = 0.05
+    val_max: int = 500
+    max_examples: int | None = None
+
+    # SFT's data keys that these stages do not have, each with the value that is what they do
+    # anyway (so an older run's config.yaml, which listed them, loads again) and why.
+    NOT_READ: typing.ClassVar[dict[str, tuple[object, str]]] = {
+        "packing": (False, "a micro-batch holds whole groups of responses to one prompt, one response per row"),
+        "group_by_length": (True, "a micro-batch holds whole groups of responses to one prompt, one response per row"),
+        "train_on_prompt": (False, "the loss compares responses; the prompt is never trained"),
+        "golden": (None, "only SFT evaluates a golden set; use `instructkit eval` on the result"),
+    }
+
+
+@dataclass
 class TrainConfig:
     max_steps: int | None = None
     epochs: float | None = None
@@ -249,21 +274,34 @@ def train_not_applicable(t: TrainConfig) -> dict[str, str]:
     return out
 
 
-def data_not_applicable(d: DataConfig) -> dict[str, str]:
+def data_not_applicable(d: DataConfig | PreferenceDataConfig) -> dict[str, str]:
     out = {}
-    if d.packing:
+    if getattr(d, "packing", False):  # (preference rows are never packed)
         out["data.group_by_length"] = "it orders unpacked rows; data.packing is true"
     if d.validation:
         out["data.val_fraction"] = "data.validation names the validation set"
     return out
 
 
-PREFERENCE_DATA_UNUSED = {
-    "data.packing": "a micro-batch holds whole groups of responses to one prompt, one response per row",
-    "data.group_by_length": "a micro-batch holds whole groups of responses to one prompt, one response per row",
-    "data.train_on_prompt": "the loss compares responses; the prompt is never trained",
-    "data.golden": "only SFT evaluates a golden set; use `instructkit eval` on the result",
-}
+def check_fine_tuning(cfg, world_size: int) -> None:
+    """The checks SFT, RM and DPO share (their model, adapter, data, train and distributed)."""
+    check_train(cfg.train, world_size)
+    check_distributed(cfg.distributed)
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: set it to a data file or a datasets name")
+    if cfg.data.max_seq_len < 8:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too small (>= 8)")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction must be in [0, 1)")
+    if cfg.model.freeze_layers < 0:
+        raise ConfigError("model.freeze_layers must be >= 0")
+    if cfg.adapter.kind != "none" and cfg.adapter.r <= 0:
+        raise ConfigError("adapter.r must be > 0")
+
+
+def fine_tuning_not_applicable(cfg) -> dict[str, str]:
+    return {**adapter_not_applicable(cfg.adapter), **log_not_applicable(cfg.log),
+            **train_not_applicable(cfg.train), **data_not_applicable(cfg.data)}
 
 
 @dataclass
@@ -279,25 +317,13 @@ class SFTConfig:
 
     def check(self, world_size: int = 1) -> None:
         """Cross-field checks; raises ConfigError."""
-        check_train(self.train, world_size)
-        check_distributed(self.distributed)
-        if not self.data.train:
-            raise ConfigError("data.train is empty: set it to a data file or a datasets name")
-        if self.data.max_seq_len < 8:
-            raise ConfigError(f"data.max_seq_len={self.data.max_seq_len} is too small (>= 8)")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise ConfigError("data.val_fraction must be in [0, 1)")
-        if self.model.freeze_layers < 0:
-            raise ConfigError("model.freeze_layers must be >= 0")
-        if self.adapter.kind != "none" and self.adapter.r <= 0:
-            raise ConfigError("adapter.r must be > 0")
+        check_fine_tuning(self, world_size)
 
     STAGE: typing.ClassVar[str] = "sft"
 
     def not_applicable(self) -> dict[str, str]:
         """Keys that would do nothing in this run, and why (see ``load_config``)."""
-        return {**adapter_not_applicable(self.adapter), **log_not_applicable(self.log),
-                **train_not_applicable(self.train), **data_not_applicable(self.data)}
+        return fine_tuning_not_applicable(self)
 
 
 @dataclass
@@ -312,13 +338,19 @@ class RewardSection:
 
 
 @dataclass
-class RMConfig(SFTConfig):
+class RMConfig:
     output_dir: str = "runs/rm"
-    data: DataConfig = field(default_factory=lambda: DataConfig(packing=False))  # rows are never packed
+    preset: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     rm: RewardSection = field(default_factory=RewardSection)
 
     def check(self, world_size: int = 1) -> None:
-        super().check(world_size)
+        check_fine_tuning(self, world_size)
         if self.rm.num_padding_at_beginning not in (None, 0):
             raise ConfigError(
                 f"rm.num_padding_at_beginning={self.rm.num_padding_at_beginning}: "
@@ -328,7 +360,7 @@ class RMConfig(SFTConfig):
     STAGE: typing.ClassVar[str] = "rm"
 
     def not_applicable(self) -> dict[str, str]:
-        return {**super().not_applicable(), **PREFERENCE_DATA_UNUSED,
+        return {**fine_tuning_not_applicable(self),
                 "train.loss_chunk_size": "a reward model has a score head, not an LM head",
                 **dict.fromkeys(("log.generation_freq", "log.generation_prompts", "log.generation_max_new_tokens"),
                                 "a reward model does not generate")}
@@ -349,13 +381,19 @@ class DPOSection:
 
 
 @dataclass
-class DPOConfig(SFTConfig):
+class DPOConfig:
     output_dir: str = "runs/dpo"
-    data: DataConfig = field(default_factory=lambda: DataConfig(packing=False))  # rows are never packed
+    preset: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
 
     def check(self, world_size: int = 1) -> None:
-        super().check(world_size)
+        check_fine_tuning(self, world_size)
         if self.dpo.beta <= 0:
             raise ConfigError("dpo.beta must be > 0")
         if not 0.0 <= self.dpo.label_smoothing < 0.5:
@@ -366,7 +404,7 @@ class DPOConfig(SFTConfig):
     STAGE: typing.ClassVar[str] = "dpo"
 
     def not_applicable(self) -> dict[str, str]:
-        out = {**super().not_applicable(), **PREFERENCE_DATA_UNUSED,
+        out = {**fine_tuning_not_applicable(self),
                "train.loss_chunk_size": "DPO sums each response's log-probs from the model's full logits"}
         if self.dpo.loss != "conservative":
             out["dpo.label_smoothing"] = "only dpo.loss=conservative smooths labels"
@@ -764,6 +802,12 @@ def from_dict(cls: type, data: Any, prefix: str, source: str, lines: dict[str, i
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        not_read = getattr(cls, "NOT_READ", {})
+        if key in not_read and key not in names:
+            inert, why = not_read[key]
+            if value == inert:
+                continue  # what the stage does anyway
+            raise ConfigError(f"{_where(source, lines, dotted)}: does nothing in this stage ({why}); remove it")
         if key not in names:
             import difflib
 

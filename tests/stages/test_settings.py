@@ -157,8 +157,24 @@ def test_a_key_that_would_do_nothing_is_rejected_with_the_reason(name, tmp_path,
 def test_rejection_names_the_file_and_line(tmp_path):
     p = tmp_path / "rm.yaml"
     p.write_text(f"data:\n  train: {SFT_DATA}\n  packing: true\ntrain:\n  max_steps: 1\n")
-    with pytest.raises(ConfigError, match=r"rm.yaml, line 3, key data.packing: does nothing in the rm stage"):
+    with pytest.raises(ConfigError, match=r"rm.yaml, line 3, key data.packing: does nothing in this stage "
+                                          r"\(a micro-batch holds whole groups of responses"):
         load_config(RMConfig, p)
+
+
+@pytest.mark.parametrize("cls", [RMConfig, DPOConfig])
+def test_preference_stages_have_only_the_data_keys_they_read(tmp_path, cls):
+    """RM and DPO no longer inherit SFT's schema: SFT-only data keys are not fields; an older
+    run's config.yaml that lists them at the value these stages use anyway still loads."""
+    for key in ("packing", "group_by_length", "train_on_prompt", "golden"):
+        assert not hasattr(cls().data, key)
+    p = tmp_path / "old.yaml"
+    p.write_text(f"data:\n  train: {SFT_DATA}\n  packing: false\n  group_by_length: true\n"
+                 "  train_on_prompt: false\n  golden: null\ntrain:\n  max_steps: 1\n")
+    assert load_config(cls, p).data.train == str(SFT_DATA)
+    p.write_text(f"data:\n  train: {SFT_DATA}\n  golden: g.jsonl\n")
+    with pytest.raises(ConfigError, match="key data.golden: does nothing in this stage .only SFT evaluates"):
+        load_config(cls, p)
 
 
 def test_pipeline_sections_are_checked_too(tmp_path):
