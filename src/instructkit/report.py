@@ -442,74 +442,85 @@ def write_report(run_dir, stages: list[str] | None = None, title: str | None = N
          f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
     m = [f"# {title}", ""]
 
-    # Overview
-    overview = []
-    for st in found:
-        steps = [_num(r.get("step")) for r in st.train]
-        steps = [s for s in steps if s is not None]
-        overview.append((st.name, fmt(int(max(steps))) if steps else "0", str(len(st.train)), str(len(st.evals)),
-                         "finished" if st.finished else "incomplete"))
-    if overview:
-        header = ("stage", "last step", "train records", "eval records", "status")
-        h.append("<h2>Overview</h2>")
-        h.append(_html_table(overview, header, num_cols=(1, 2, 3)).replace(
-            "<td>finished</td>", '<td><span class="tag ok">finished</span></td>').replace(
-            "<td>incomplete</td>", '<td><span class="tag warn">incomplete</span></td>'))
-        m += ["## Overview", "", _md_table(overview, header), ""]
-
-    for st in found:
-        anchor = _safe_name(st.name)
-        h.append(f'<h2 id="{_esc(anchor)}">Stage: {_esc(st.name)}</h2>')
-        h.append(f'<div class="meta">{_esc(st.path)}</div>')
-        m += [f"## Stage: {st.name}", "", f"`{st.path}`", ""]
-        png = plot_stage(st)
-        if png is not None:
-            png_name = f"report_{anchor}.png"
-            write_atomic(run_dir / png_name, png)
-            b64 = base64.b64encode(png).decode("ascii")
-            h.append(f'<img class="plot" alt="{_esc(st.name)} curves" src="data:image/png;base64,{b64}">')
-            m += [f"![{st.name} curves]({png_name})", ""]
-        else:
-            h.append('<p class="meta">no numeric metrics to plot</p>')
-            m += ["No numeric metrics to plot.", ""]
-
-        tables = final_tables(st)
-        if tables:
-            h.append("<h3>Final metrics</h3>")
-            h.append('<div class="tables">')
-            m += ["### Final metrics", ""]
-            for caption, rows in tables:
-                h.append(_html_table(rows, ("metric", "value"), caption, num_cols=(1,)))
-                m += [f"*{caption}*", "", _md_table(rows, ("metric", "value")), ""]
-            h.append("</div>")
-
-        view = sample_view(st.samples)
-        if view.pairs or view.first:
-            sub = "Samples: before and after" if view.pairs else "Samples"
-            h.append(f"<h3>{sub}</h3>")
-            h.append(_html_samples(view))
-            m += [f"### {sub}", "", _md_samples(view), ""]
-
-        cfg = st.path / "config.yaml"
-        if cfg.is_file():
-            try:
-                text = cfg.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                text = ""
-            if text:
-                h.append(f"<details><summary>config.yaml</summary><pre>{_esc(_clip(text, 20000))}</pre></details>")
-
-    if evals:
-        h.append("<h2>Evaluation</h2>")
-        m += ["## Evaluation", ""]
-        for path, rep in evals:
-            rows = eval_rows(rep)
-            caption = f"{rep.get('model', '')} ({path.relative_to(run_dir)})"
-            h.append(_html_table(rows, ("task", "metric", "value"), caption, num_cols=(2,)))
-            m += [f"*{_md_cell(caption)}*", "", _md_table(rows, ("task", "metric", "value")), ""]
+    for part in (_overview_section(found), *(_stage_section(st, run_dir) for st in found),
+                 _eval_section(evals, run_dir)):
+        h += part[0]
+        m += part[1]
 
     h.append("</body></html>")
     html_path, md_path = run_dir / HTML_FILE, run_dir / MD_FILE
     write_atomic(html_path, "\n".join(h) + "\n")
     write_atomic(md_path, "\n".join(m).rstrip() + "\n")
     return html_path, md_path
+
+
+def _overview_section(found: list) -> tuple[list[str], list[str]]:
+    """One row a stage: last step, record counts, finished or not (HTML lines, Markdown lines)."""
+    overview = []
+    for st in found:
+        steps = [_num(r.get("step")) for r in st.train]
+        steps = [s for s in steps if s is not None]
+        overview.append((st.name, fmt(int(max(steps))) if steps else "0", str(len(st.train)), str(len(st.evals)),
+                         "finished" if st.finished else "incomplete"))
+    if not overview:
+        return [], []
+    header = ("stage", "last step", "train records", "eval records", "status")
+    table = _html_table(overview, header, num_cols=(1, 2, 3)).replace(
+        "<td>finished</td>", '<td><span class="tag ok">finished</span></td>').replace(
+        "<td>incomplete</td>", '<td><span class="tag warn">incomplete</span></td>')
+    return ["<h2>Overview</h2>", table], ["## Overview", "", _md_table(overview, header), ""]
+
+
+def _stage_section(st, run_dir: Path) -> tuple[list[str], list[str]]:
+    """A stage's curves (also written as report_<stage>.png), final metrics, samples, config."""
+    anchor = _safe_name(st.name)
+    h = [f'<h2 id="{_esc(anchor)}">Stage: {_esc(st.name)}</h2>', f'<div class="meta">{_esc(st.path)}</div>']
+    m = [f"## Stage: {st.name}", "", f"`{st.path}`", ""]
+    png = plot_stage(st)
+    if png is not None:
+        png_name = f"report_{anchor}.png"
+        write_atomic(run_dir / png_name, png)
+        b64 = base64.b64encode(png).decode("ascii")
+        h.append(f'<img class="plot" alt="{_esc(st.name)} curves" src="data:image/png;base64,{b64}">')
+        m += [f"![{st.name} curves]({png_name})", ""]
+    else:
+        h.append('<p class="meta">no numeric metrics to plot</p>')
+        m += ["No numeric metrics to plot.", ""]
+
+    tables = final_tables(st)
+    if tables:
+        h += ["<h3>Final metrics</h3>", '<div class="tables">']
+        m += ["### Final metrics", ""]
+        for caption, rows in tables:
+            h.append(_html_table(rows, ("metric", "value"), caption, num_cols=(1,)))
+            m += [f"*{caption}*", "", _md_table(rows, ("metric", "value")), ""]
+        h.append("</div>")
+
+    view = sample_view(st.samples)
+    if view.pairs or view.first:
+        sub = "Samples: before and after" if view.pairs else "Samples"
+        h += [f"<h3>{sub}</h3>", _html_samples(view)]
+        m += [f"### {sub}", "", _md_samples(view), ""]
+
+    cfg = st.path / "config.yaml"
+    if cfg.is_file():
+        try:
+            text = cfg.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        if text:
+            h.append(f"<details><summary>config.yaml</summary><pre>{_esc(_clip(text, 20000))}</pre></details>")
+    return h, m
+
+
+def _eval_section(evals: list, run_dir: Path) -> tuple[list[str], list[str]]:
+    """Every eval.json found under the run, one table each."""
+    if not evals:
+        return [], []
+    h, m = ["<h2>Evaluation</h2>"], ["## Evaluation", ""]
+    for path, rep in evals:
+        rows = eval_rows(rep)
+        caption = f"{rep.get('model', '')} ({path.relative_to(run_dir)})"
+        h.append(_html_table(rows, ("task", "metric", "value"), caption, num_cols=(2,)))
+        m += [f"*{_md_cell(caption)}*", "", _md_table(rows, ("task", "metric", "value")), ""]
+    return h, m
