@@ -237,6 +237,31 @@ def test_chat_keeps_history_and_streams(models):
     assert "one" not in prompts[-1] and "three" not in prompts[-1]
 
 
+def test_chat_drops_an_interrupted_question_and_goes_on(models):
+    """Ctrl-C during an answer ends that answer only: the question leaves the history (the next
+    prompt does not hold it) and the session reads the next line."""
+    from instructkit.evaluate.chat import chat
+    from instructkit.models import load_for_inference
+
+    model, tok = load_for_inference(models["lm"], device="cpu")
+    prompts, original = [], model.generate
+
+    def interrupt_first(**kw):
+        prompts.append(tok.decode(kw["input_ids"][0]))
+        if len(prompts) == 1:
+            raise KeyboardInterrupt
+        return original(**kw)
+
+    model.generate = interrupt_first
+    out = io.StringIO()
+    history = chat(model=model, tokenizer=tok, max_new_tokens=3, temperature=0,
+                   stdin=io.StringIO("lost question\nkept question\n"), stdout=out)
+    assert "(interrupted)" in out.getvalue()
+    assert [m["content"] for m in history if m["role"] == "user"] == ["kept question"]
+    assert "lost question" in prompts[0] and "lost question" not in prompts[1]
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+
 def test_chat_over_piped_stdin(models):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(

@@ -102,7 +102,6 @@ def chat(
         torch.manual_seed(seed)
     template = resolve_template(template, tokenizer)
     interactive = bool(getattr(stdin, "isatty", lambda: False)())
-    dev = next(model.parameters()).device
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     limit = max(ctx - max_new_tokens, 1) if ctx else None
     eos = stop_token_ids(tokenizer, model, template)
@@ -110,12 +109,15 @@ def chat(
     base = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[dict] = list(base)
     if interactive:
-        stdout.write(f"chat with {model_path or type(model).__name__} ({COMMANDS})\n")
-        stdout.flush()
+        _say(stdout, f"chat with {model_path or type(model).__name__} ({COMMANDS})\n")
 
     def ids_of(conv):
         return build_prompt_ids(conv, tokenizer, template)
 
+    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad,
+                    eos_token_id=eos, use_cache=True)
+    if temperature > 0:
+        sampling.update(temperature=temperature, top_p=top_p, top_k=0)
     while True:
         line = _read_line(stdin, stdout, interactive)
         if line is None:
@@ -127,32 +129,38 @@ def chat(
             break
         if text == "/reset":
             history = list(base)
-            stdout.write("(history cleared)\n")
-            stdout.flush()
+            _say(stdout, "(history cleared)\n")
             continue
         if text.startswith("/") and " " not in text:
-            stdout.write(f"(unknown command {text}; {COMMANDS})\n")
-            stdout.flush()
+            _say(stdout, f"(unknown command {text}; {COMMANDS})\n")
             continue
         history.append({"role": "user", "content": text})
-        ids = _fit(history, ids_of, limit)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad,
-                      eos_token_id=eos, use_cache=True, streamer=_streamer(tokenizer, stdout))
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        if interactive:
-            stdout.write("assistant> ")
-            stdout.flush()
-        try:
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids,
-                                     attention_mask=torch.ones_like(input_ids), **kwargs)
-        except KeyboardInterrupt:
+        answer = _reply(model, tokenizer, _fit(history, ids_of, limit), sampling, stdout, interactive)
+        if answer is None:  # interrupted: the question is dropped with it
             history.pop()
-            stdout.write("\n(interrupted)\n")
-            stdout.flush()
             continue
-        answer = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": answer})
     return history
+
+
+def _say(stdout: TextIO, text: str) -> None:
+    stdout.write(text)
+    stdout.flush()
+
+
+def _reply(model, tokenizer, ids: list[int], sampling: dict, stdout: TextIO, interactive: bool) -> str | None:
+    """The answer to the prompt ``ids``, streamed to ``stdout`` as it is generated; None when
+    Ctrl-C interrupted it."""
+    import torch
+
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    if interactive:
+        _say(stdout, "assistant> ")
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 streamer=_streamer(tokenizer, stdout), **sampling)
+    except KeyboardInterrupt:
+        _say(stdout, "\n(interrupted)\n")
+        return None
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
