@@ -21,18 +21,19 @@ def load(*overrides, path=REPO / "configs/eval.yaml"):
 @pytest.mark.parametrize("name", ["configs/eval.yaml", "configs/tiny/eval.yaml"])
 def test_shipped_eval_configs_load(name):
     cfg = load(path=REPO / name)
-    assert cfg.tasks and cfg.output_dir
+    assert cfg.tasks and cfg.out_dir()
 
 
 def test_model_from_the_command_line_and_output_dir(tmp_path):
     cfg = load("model=runs/ppo/final")
-    assert cfg.model == "runs/ppo/final" and cfg.output_dir == str(Path("runs/ppo/eval"))
+    assert cfg.model == "runs/ppo/final" and cfg.out_dir() == str(Path("runs/ppo/eval"))
+    assert cfg.output_dir is None  # check() derives, it does not fill the config in
     final = tmp_path / "x" / "final"
     final.mkdir(parents=True)
     assert default_output_dir(str(final)) == str(tmp_path / "x" / "eval")
     assert default_output_dir(str(tmp_path / "x")) == str(tmp_path / "x-eval")
     assert default_output_dir("HuggingFaceTB/SmolLM2-135M") == str(Path("runs/eval/HuggingFaceTB_SmolLM2-135M"))
-    assert load(f"output_dir={tmp_path}/o").output_dir == f"{tmp_path}/o"
+    assert load(f"output_dir={tmp_path}/o").out_dir() == f"{tmp_path}/o"
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -155,6 +155,10 @@ class EvalConfig:
     def not_applicable(self) -> dict[str, str]:
         return eval_not_applicable(self)
 
+    def out_dir(self) -> str:
+        """``output_dir``, or when it is unset the folder beside the model (:func:`default_output_dir`)."""
+        return self.output_dir if self.output_dir is not None else default_output_dir(self.model or "responses")
+
     def check(self, world_size: int = 1) -> None:
         """Cross-field checks (only for the tasks chosen); raises ConfigError."""
         if not self.tasks:
@@ -165,8 +169,6 @@ class EvalConfig:
         )
         if not self.model and needs_model:
             raise ConfigError("model is empty: give the model to evaluate, e.g. model=runs/sft/final")
-        if self.output_dir is None:
-            self.output_dir = default_output_dir(self.model or "responses")
         if "perplexity" in tasks:
             p = self.perplexity
             if not p.data:

@@ -16,6 +16,7 @@ that stops leaves no half-written report behind.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -60,9 +61,8 @@ def run(cfg: EvalConfig) -> dict:
         generate_samples, load_prompt_set, read_responses, write_jsonl_atomic,
     )
 
-    if cfg.output_dir is None:
-        cfg.check()
-    out = Path(cfg.output_dir)
+    cfg.check()
+    out = Path(cfg.out_dir())
     tasks = list(dict.fromkeys(cfg.tasks))  # order kept, duplicates dropped
     want = set(tasks)
     device = resolve_device(cfg.device)
@@ -82,7 +82,7 @@ def run(cfg: EvalConfig) -> dict:
         "pairwise" in want and cfg.pairwise.responses_b) else None
 
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(dataclasses.replace(cfg, output_dir=str(out)), out / "config.yaml")  # as it resolved
     results: dict[str, dict] = {}
     times: dict[str, float] = {}
 
