@@ -85,12 +85,15 @@ def cmd_generate(args) -> int:
     from instructkit.generate import check_sampling, generate_responses
     from instructkit.models import load_for_inference
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.batch_size,
+                   top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     prompts = _read_prompts(args)  # before the model loads: bad input fails fast
     model, tokenizer = load_for_inference(args.model, device=args.device)
     responses = generate_responses(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, batch_size=args.batch_size, seed=args.seed,
+        system_prompt=args.system,
     )
     if args.output:
         write_atomic(args.output, "".join(json.dumps({"prompt": p, "response": r}) + "\n"
@@ -220,7 +223,8 @@ def cmd_chat(args) -> int:
 
     try:
         chat(args.model, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, top_p=args.top_p, device=args.device, seed=args.seed)
+             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+             repetition_penalty=args.repetition_penalty, device=args.device, seed=args.seed)
     except KeyboardInterrupt:  # Ctrl-C ends a chat, as /exit does
         print(file=sys.stderr)
     return 0
@@ -235,10 +239,13 @@ def _command(sub, name: str, func, **kwargs) -> argparse.ArgumentParser:
 
 
 def _sampling_args(p: argparse.ArgumentParser, seed: int | None) -> None:
-    """What generate and chat share: the sampling settings and the device."""
+    """What generate and chat share: the system prompt, the sampling settings and the device."""
+    p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-p", type=float, default=0.9, help="1: off")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
     p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--device", default="auto")
 
@@ -314,7 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "chat", cmd_chat, help="interactive chat with streaming output (/reset, /exit)")
     p.add_argument("model")
-    p.add_argument("--system", help="system prompt")
     _sampling_args(p, seed=None)
     return parser
 

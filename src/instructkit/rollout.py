@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from instructkit.errors import UserError, snippet
-from instructkit.generate import left_pad, stop_token_ids
+from instructkit.generate import generate_tokens, generation_kwargs, left_pad, stop_token_ids
 from instructkit.losses.sft import IGNORE_INDEX, token_logprobs
 from instructkit.models.adapters import unwrap
 from instructkit.models.heads import backbone, position_ids_from_mask, reward_scores, score_head
@@ -200,30 +200,6 @@ def build_batch(
 
 # --------------------------------------------------------------------------- sampling
 
-# Generation-config fields (left None by default) that would change the sampling
-# distribution if a checkpoint's generation_config.json set them; sample() cannot unset them.
-_UNNEUTRALISED = (
-    "min_p",
-    "top_h",
-    "bad_words_ids",
-    "sequence_bias",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "exponential_decay_length_penalty",
-    "guidance_scale",
-    "watermarking_config",
-    "min_new_tokens",
-)
-
-
-def _neutral(field: str, value) -> bool:
-    if field == "guidance_scale":
-        return value is None or value == 1
-    return value is None or value == [] or value == 0 or value is False
-
-
 @contextmanager
 def _seeded(seed: int | None, device: torch.device):
     """Seed the RNGs for the block and restore them after (CPU and CUDA)."""
@@ -236,42 +212,6 @@ def _seeded(seed: int | None, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def _sampling_kwargs(model, temperature: float, top_p: float, top_k: int) -> dict:
-    """Explicit values for every logits processor that a checkpoint's generation config could
-    switch on, so tokens are drawn from softmax(logits / temperature) cut by top_k / top_p only.
-
-    What PPO computes is not that cut distribution: the old, reference and new log-probs
-    (:func:`forward_response_logprobs`) are of the full softmax(logits / temperature), as in TRL
-    and OpenRLHF. With top_k 0 and top_p 1 (the defaults) the two are the same and the first
-    epoch's ratio is exactly 1; with a cut, the sampled tokens come from a renormalised
-    sub-vocabulary whose probabilities the ratio does not use, a small off-policy bias."""
-    kwargs = dict(
-        do_sample=True,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),  # 0 disables (None would fall back to transformers' default 50)
-        typical_p=1.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_length=0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        num_beams=1,
-        num_return_sequences=1,
-        renormalize_logits=False,
-    )
-    gen_cfg = getattr(model, "generation_config", None)
-    if gen_cfg is not None:
-        extra = [f for f in _UNNEUTRALISED if not _neutral(f, getattr(gen_cfg, f, None))]
-        if extra:
-            log.warning(
-                "the model's generation_config sets %s: sampling is no longer softmax(logits / "
-                "temperature), so PPO's log-prob ratios are off; clear these fields",
-                ", ".join(extra),
-            )
-    return kwargs
 
 
 @torch.no_grad()
@@ -313,33 +253,20 @@ def sample(
     device = next(model.parameters()).device
     enc = left_pad(prompt_ids, pad_id, device)
     p_ids, p_mask = enc["input_ids"], enc["attention_mask"]
-    kwargs = _sampling_kwargs(model, temperature, top_p, top_k)
+    # What PPO computes is softmax(logits / temperature) over the full vocabulary (the old,
+    # reference and new log-probs, as in TRL and OpenRLHF): with top_k 0 and top_p 1 (the
+    # defaults) the tokens are drawn from exactly that and the first epoch's ratio is 1; with a
+    # cut they come from a renormalised sub-vocabulary, a small off-policy bias.
+    kwargs = generation_kwargs(model, tokenizer, stop_ids, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k, synced_gpus=synced_gpus)
     size = batch_size or len(prompt_ids)
-
-    was_training = model.training
-    model.eval()
     chunks: list[torch.Tensor] = []
-    try:
-        with _seeded(seed, device):
-            for start in range(0, len(prompt_ids), size):
-                ids = p_ids[start : start + size]
-                mask = p_mask[start : start + size]
-                lead = int((mask.sum(0) == 0).sum())  # columns that are padding in every row
-                ids, mask = ids[:, lead:], mask[:, lead:]
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id,
-                    eos_token_id=stop_ids,
-                    use_cache=True,  # transformers 5 may inherit use_cache=False from training
-                    synced_gpus=synced_gpus,
-                    **kwargs,
-                )
-                chunks.append(out[:, ids.shape[1] :])
-    finally:
-        if was_training:
-            model.train()
+    with _seeded(seed, device):
+        for start in range(0, len(prompt_ids), size):
+            ids = p_ids[start : start + size]
+            mask = p_mask[start : start + size]
+            lead = int((mask.sum(0) == 0).sum())  # columns that are padding in every row
+            chunks.append(generate_tokens(model, {"input_ids": ids[:, lead:], "attention_mask": mask[:, lead:]}, kwargs))
     width = max(c.shape[1] for c in chunks)
     response_ids = torch.cat(
         [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks]

@@ -144,6 +144,8 @@ def test_debug_shows_the_traceback_before_or_after_the_subcommand(argv):
     (["--prompt", "hi", "--top-p", "0"], ["--top-p 0"]),
     (["--prompt", "hi", "--top-p", "1.5"], ["--top-p 1.5"]),
     (["--prompt", "hi", "--batch-size", "0"], ["--batch-size 0"]),
+    (["--prompt", "hi", "--top-k", "-1"], ["--top-k -1", "0 (off) or above"]),
+    (["--prompt", "hi", "--repetition-penalty", "0"], ["--repetition-penalty 0", "above 0 (1: off)"]),
     (["--prompt", "hi", "--prompts", "p.jsonl"], ["--prompt or --prompts, not both"]),
     (["--prompts", "EMPTY"], ["empty.jsonl", "holds no prompts"]),
     (["--prompts", "BLANK"], ["blank.jsonl, record 2", "empty"]),

@@ -286,6 +286,8 @@ def test_chat_bad_model_is_a_user_error(capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
     (["--temperature", "-1"], "--temperature -1: must be 0 (greedy) or above"),
     (["--top-p", "1.5"], "--top-p 1.5: must be above 0 and at most 1"),
+    (["--top-k", "-3"], "--top-k -3: must be 0 (off) or above"),
+    (["--repetition-penalty", "-1"], "--repetition-penalty -1: must be above 0 (1: off)"),
 ])
 def test_chat_checks_sampling_like_generate_before_loading(capsys, argv, fragment):
     """chat checked --max-new-tokens and --temperature only after loading the model, in words of

@@ -65,7 +65,7 @@ def test_lora_targets_llama_and_opt():
     assert detect_target_modules(build_tiny_model()) == LLAMA_STYLE
     opt = tiny_opt()
     assert detect_target_modules(opt) == OPT_STYLE
-    assert decoder_layers(opt) is opt.model.decoder.layers
+    assert decoder_layers(opt) == list(opt.model.decoder.layers)
     peft_opt = apply_adapter(opt, AdapterConfig(kind="lora", r=4))
     names = trainable_names(peft_opt)
     assert names and all("lora_" in n for n in names)
@@ -112,6 +112,24 @@ def test_dora_builds(tiny_model_cfg, tiny_tokenizer):
     assert any("lora_magnitude_vector" in n for n in names)
     x = torch.randint(0, 1000, (1, 6))
     model(input_ids=x, labels=x).loss.backward()
+
+
+def test_one_layer_finder_for_one_model_a_container_and_a_plain_module():
+    """freeze_layers, compile_layers, LoRA targets and FSDP2 sharding find blocks the same way:
+    PPO's ModuleDict of policy and value model gives both models' blocks, in order."""
+    policy, value = build_tiny_model(), build_tiny_model()
+    both = torch.nn.ModuleDict({"policy": policy, "value": value})
+    assert decoder_layers(both) == list(policy.model.layers) + list(value.model.layers)
+
+    class Plain(torch.nn.Module):  # no transformers block class: found by its attribute path
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+
+    plain = Plain()
+    assert decoder_layers(plain) == list(plain.layers)
+    with pytest.raises(UserError, match="cannot find the decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
 
 
 def test_freeze_layers_full_model(tiny_model_cfg, tiny_tokenizer):

@@ -240,21 +240,6 @@ def wrapped(model) -> Wrapped:
     return model if isinstance(model, Wrapped) else Wrapped(model)
 
 
-def decoder_layers_of(model: nn.Module) -> list[nn.Module]:
-    """Every decoder layer inside ``model`` (any nesting: peft wrappers, a ModuleDict of a
-    policy and a value model): the modules transformers itself checkpoints per layer."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - older transformers
-        GradientCheckpointingLayer = ()
-    layers = [m for m in model.modules() if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        for m in model.modules():
-            if isinstance(m, nn.ModuleList) and len(m) and type(m[0]).__name__.endswith(("DecoderLayer", "Block")):
-                layers.extend(m)
-    return layers
-
-
 def wrap(model: nn.Module, dcfg, precision: str, device: torch.device) -> Wrapped:
     """Shard (FSDP2) or replicate (DDP) ``model`` across the ranks; returns the handle every
     pass goes through.
@@ -285,12 +270,14 @@ def wrap(model: nn.Module, dcfg, precision: str, device: torch.device) -> Wrappe
     else:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+        from instructkit.models.adapters import decoder_layers
+
         kwargs = {"reshard_after_forward": plan.reshard_after_forward}
         if precision == "bf16-mixed":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if plan.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for layer in decoder_layers_of(model):
+        for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         root = fully_shard(entry, **kwargs)
     return Wrapped(model, root)

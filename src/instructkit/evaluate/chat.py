@@ -78,6 +78,8 @@ def chat(
     model=None,
     tokenizer=None,
     seed: int | None = None,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[dict]:
     """Run a chat session reading user lines from ``stdin`` and streaming answers to
     ``stdout`` (default: the process's). Give ``model_path`` (any path ``generate`` takes) or
@@ -87,11 +89,11 @@ def chat(
 
     from instructkit.data import build_prompt_ids
     from instructkit.data.templates import resolve_template
-    from instructkit.generate import check_sampling, stop_token_ids
+    from instructkit.generate import check_sampling, generation_kwargs, stop_token_ids
 
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else sys.stdout
-    check_sampling(max_new_tokens, temperature, top_p)
+    check_sampling(max_new_tokens, temperature, top_p, top_k=top_k, repetition_penalty=repetition_penalty)
     if model is None:
         if not model_path:
             raise UserError("chat: give a model (a final/ folder, HF folder, hub id, .gguf or tiny preset)")
@@ -104,8 +106,6 @@ def chat(
     interactive = bool(getattr(stdin, "isatty", lambda: False)())
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     limit = max(ctx - max_new_tokens, 1) if ctx else None
-    eos = stop_token_ids(tokenizer, model, template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     base = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[dict] = list(base)
     if interactive:
@@ -114,10 +114,9 @@ def chat(
     def ids_of(conv):
         return build_prompt_ids(conv, tokenizer, template)
 
-    sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad,
-                    eos_token_id=eos, use_cache=True)
-    if temperature > 0:
-        sampling.update(temperature=temperature, top_p=top_p, top_k=0)
+    sampling = generation_kwargs(model, tokenizer, stop_token_ids(tokenizer, model, template),
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 top_k=top_k, repetition_penalty=repetition_penalty)
     while True:
         line = _read_line(stdin, stdout, interactive)
         if line is None:
@@ -153,14 +152,15 @@ def _reply(model, tokenizer, ids: list[int], sampling: dict, stdout: TextIO, int
     Ctrl-C interrupted it."""
     import torch
 
+    from instructkit.generate import generate_tokens
+
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     if interactive:
         _say(stdout, "assistant> ")
     try:
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 streamer=_streamer(tokenizer, stdout), **sampling)
+        new = generate_tokens(model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
+                              dict(sampling, streamer=_streamer(tokenizer, stdout)))
     except KeyboardInterrupt:
         _say(stdout, "\n(interrupted)\n")
         return None
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(new[0], skip_special_tokens=True).strip()

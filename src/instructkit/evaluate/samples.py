@@ -92,27 +92,16 @@ def generate_samples(model, tokenizer, convs: list[list[dict]], sec, device=None
 
 def _generate_ids(model, tokenizer, chunk, sec) -> list[str]:
     """Generation from prompt ids cut after their BOS (prompts longer than ``sec.max_prompt_len``)."""
-    import torch
-
     from instructkit.data import build_prompt_ids
-    from instructkit.generate import left_pad, stop_token_ids
+    from instructkit.generate import generate_tokens, generation_kwargs, left_pad, stop_token_ids
 
     ids = [build_prompt_ids(c, tokenizer, sec.template, sec.system_prompt, max_len=sec.max_prompt_len)
            for c in chunk]
-    device = next(model.parameters()).device
-    enc = left_pad(ids, tokenizer.pad_token_id, device)
-    kwargs = dict(max_new_tokens=sec.max_new_tokens, do_sample=sec.temperature > 0,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer, model, sec.template),
-                  use_cache=True)
-    if sec.temperature > 0:
-        kwargs.update(temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    if was_training:
-        model.train()
-    new = out[:, enc["input_ids"].shape[1]:]
+    kwargs = generation_kwargs(model, tokenizer, stop_token_ids(tokenizer, model, sec.template),
+                               max_new_tokens=sec.max_new_tokens, temperature=sec.temperature,
+                               top_p=sec.top_p, top_k=sec.top_k)
+    enc = left_pad(ids, kwargs["pad_token_id"], next(model.parameters()).device)
+    new = generate_tokens(model, enc, kwargs)
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 

@@ -54,8 +54,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks, found generically (peft wrappers are looked through)."""
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every decoder block inside ``model``, in order: one model's layers (peft wrappers looked
+    through), or the blocks of every model in a container (PPO's policy and value model in one
+    ModuleDict). The one finder for freezing, compiling, LoRA targets and FSDP2 sharding.
+
+    Blocks are the modules transformers checkpoints per layer (``GradientCheckpointingLayer``);
+    a model without them is searched by attribute path, then for the longest ModuleList whose
+    entries share one class."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        GradientCheckpointingLayer = None
+    if GradientCheckpointingLayer is not None:
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if layers:
+            return layers
     base = unwrap(model)
     for path in _LAYER_PATHS:
         obj = base
@@ -64,16 +78,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             if obj is None:
                 break
         if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    # Fallback: the longest ModuleList whose entries all share one class.
-    best = None
-    for _, mod in base.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if len({type(m) for m in mod}) == 1 and (best is None or len(mod) > len(best)):
-                best = mod
-    if best is None:
+            return list(obj)
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(x) for x in m}) == 1]
+    if not lists:
         raise UserError(f"cannot find the decoder layers of {type(base).__name__}")
-    return best
+    return list(max(lists, key=len))
 
 
 def _linear_names_in_layers(model: nn.Module) -> list[str]:
