@@ -74,8 +74,12 @@ def cmd_validate(args) -> int:
         cfg = load_config(_config_class(stage), args.config, args.overrides)
     print(f"{args.config}: valid {stage} config")
     if args.show:
+        import dataclasses
+
         import yaml
 
+        if hasattr(cfg, "out_dir"):  # eval: the folder it would write to when output_dir is unset
+            cfg = dataclasses.replace(cfg, output_dir=cfg.out_dir())
         print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
     return 0
 

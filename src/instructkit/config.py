@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from instructkit.atomic import write_atomic
 from instructkit.errors import ConfigError
 from instructkit.redact import redact
 from instructkit.shapes import llama_shape
@@ -910,11 +911,7 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), secrets masked (see instructkit.redact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))  # no secrets on disk
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))  # no secrets on disk
 
 
 # --------------------------------------------------------------------------- pretraining

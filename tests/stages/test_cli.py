@@ -174,3 +174,16 @@ def test_sequences_longer_than_the_model_context_are_refused(tmp_path, capsys, s
                                 "log.tensorboard=false", *over],
                        fragment, "longer than the context of tiny-llama (2048 positions", "set it to 2048 or less")
     assert not (tmp_path / "run" / "final").exists(), err
+
+
+def test_validate_show_prints_the_eval_folder_as_it_resolves(capsys):
+    """An eval config without output_dir showed ``output_dir: null``; the run writes beside the
+    model, and --show now says where."""
+    import yaml
+
+    assert main(["validate", str(REPO / "configs/eval.yaml"), "model=runs/x/final", "--stage", "eval", "--show"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])
+    assert shown["output_dir"] == str(Path("runs/x/eval"))
+    assert main(["validate", str(REPO / "configs/eval.yaml"), "model=runs/x/final", "output_dir=elsewhere",
+                 "--stage", "eval", "--show"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])["output_dir"] == "elsewhere"

@@ -156,8 +156,8 @@ def test_config_is_a_leaf_and_check_changes_nothing(tmp_path):
 
     code = "import sys, instructkit.config; print(sorted(m for m in sys.modules if m.startswith('instructkit')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(loaded) == ["instructkit", "instructkit.config", "instructkit.errors", "instructkit.redact",
-                            "instructkit.shapes"]
+    assert eval(loaded) == ["instructkit", "instructkit.atomic", "instructkit.config", "instructkit.errors",
+                            "instructkit.redact", "instructkit.shapes"]
     for cfg in (load_config(SFTConfig, write(tmp_path, BASE), ["train.micro_batch_size=2", "train.global_batch_size=8"]),
                 load_config(PPOConfig, None, ["reward.function=instructkit.rewards:says_the", "data.train=x",
                                               "train.max_steps=2"])):

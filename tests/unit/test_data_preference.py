@@ -35,7 +35,7 @@ except ImportError:  # tests/unit became a package
 
 REPO = Path(__file__).resolve().parents[2]
 HH_SAMPLE = REPO / "data" / "hh_rlhf_harmless_sample.jsonl"
-HH_DEV = Path("/work/shared/data/hh_rlhf_harmless_dev.jsonl")
+HH_EDGES = REPO / "data" / "hh_rlhf_harmless_edge_cases.jsonl"  # shipped: 14 clean records, 6 to drop
 OASST = [REPO / "data" / "oasst_en100_trees.jsonl", Path("/work/shared/data/oasst_en100_trees.jsonl")]
 
 
@@ -166,16 +166,18 @@ def test_data_pref_hh_dev_file_cases_built():
     assert [g.responses for g in groups] == [["Hello.", "Go away."]] * 2
 
 
-def test_data_pref_hh_real_dev_file():
-    if not HH_DEV.is_file():
-        pytest.skip("no hh_rlhf_harmless_dev.jsonl")
+def test_data_pref_hh_real_records_a_reader_must_drop():
+    """The six records of the 1800 of HH harmless-base test that cannot be pairs, with 14 that
+    can (the full file lives outside the repo; these ship in data/)."""
     stats = {}
-    groups = to_preference_groups(load_records(str(HH_DEV)), "auto", None, str(HH_DEV), stats=stats)
+    groups = to_preference_groups(load_records(str(HH_EDGES)), "auto", None, str(HH_EDGES), stats=stats)
     # 4 empty answers; 2 transcripts with an unparsed inline "Human:" in the chosen side
-    assert (stats["n_records"], stats["n_groups"]) == (1800, 1794)
+    assert (stats["n_records"], stats["n_groups"]) == (20, 14)
     assert stats["n_dropped_empty"] == 4 and stats["n_dropped_unsplittable"] == 2
     assert stats["n_dropped_identical"] == 0
     assert all(all(a["role"] != b["role"] for a, b in zip(g.prompt, g.prompt[1:])) for g in groups)
+    first = load_records(str(HH_EDGES))[0]
+    assert groups[0].responses[0] in first["chosen"] and groups[0].responses[1] in first["rejected"]
 
 
 # --------------------------------------------------------------------------- pairs / ranked

@@ -29,13 +29,8 @@ from instructkit.models.load import (
     resolve_device,
 )
 from instructkit.models.save import load_for_inference, save_final, write_final
-from instructkit.models.sources import (
-    Source,
-    converted_gguf,
-    gguf_cache_dir,
-    resolve_source,
-    smollm2_gguf_path,
-)
+from instructkit.models.convert import converted_gguf, gguf_cache_dir
+from instructkit.models.sources import Source, resolve_source, smollm2_gguf_path
 from instructkit.models.tiny import TINY_PRESETS, build_tiny_model, is_tiny_preset, tiny_tokenizer
 from instructkit.models.tokenizer import fix_pad_token, load_tokenizer, set_chat_template
 

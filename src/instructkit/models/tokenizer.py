@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 from instructkit.errors import UserError
-from instructkit.models.sources import hub_load, local_folder, resolve_source
+from instructkit.models.convert import local_folder
+from instructkit.models.sources import hub_load, resolve_source
 from instructkit.models.tiny import tiny_tokenizer
 
 log = logging.getLogger("instructkit.models")

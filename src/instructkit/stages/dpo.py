@@ -18,7 +18,7 @@ import torch
 from instructkit import data
 from instructkit import models as M
 from instructkit.config import AdapterConfig, DPOConfig, to_dict
-from instructkit.engine import distributed as dist
+from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import completion_logps, to_device
@@ -57,7 +57,7 @@ class Reference:
     """Reference log-probs: the adapter switched off, a frozen copy, or a precomputed table."""
 
     def __init__(self, policy, copy=None):
-        self.policy, self.copy = dist.wrapped(policy), copy  # the stage's Wrapped policy (or a plain one)
+        self.policy, self.copy = D.wrapped(policy), copy  # the stage's Wrapped policy (or a plain one)
         self.table: dict[tuple[str, int], torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -96,7 +96,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
-    with dist.main_first():  # rank 0 fills the model caches first
+    with D.main_first():  # rank 0 fills the model caches first
         tokenizer = M.load_tokenizer(cfg.model)
         pref = data.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         policy = M.load_model(cfg.model, cfg.adapter, tokenizer, device)
@@ -105,7 +105,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
             M.disable_dropout(policy)
         copy = (None if cfg.adapter.kind != "none" and not cfg.dpo.ref_name_or_path
                 else frozen_reference(cfg, tokenizer, device))
-    wrapped = dist.wrap(policy, cfg.distributed, cfg.model.precision, device)  # every pass goes through it
+    wrapped = D.wrap(policy, cfg.distributed, cfg.model.precision, device)  # every pass goes through it
     ref = Reference(wrapped, copy)
     optimizer = build_optimizer(policy, cfg.train, device)
     R.write_config(cfg, out)
@@ -136,7 +136,7 @@ def run(cfg: DPOConfig, resume: bool = False, allow_new_data: bool = False) -> D
         return loss_of(pc, pr, rc, rr, cfg.dpo.beta).sum(), [x.detach() for x in (pc, pr, rc, rr)]
 
     def step_metrics(parts: list) -> dict:  # over every rank's pairs
-        terms = [[dist.gather_cat(torch.cat([p[i] for p in parts])) for i in range(4)]]
+        terms = [[D.gather_cat(torch.cat([p[i] for p in parts])) for i in range(4)]]
         return named_metrics(terms, cfg.dpo.beta)
 
     @torch.no_grad()

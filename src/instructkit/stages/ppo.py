@@ -34,7 +34,7 @@ from instructkit import rollout as RO
 from instructkit.atomic import replace_dir
 from instructkit.config import AdapterConfig, PPOConfig, to_dict
 from instructkit.data.prompts import load_prompts
-from instructkit.engine import distributed as dist
+from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
 from instructkit.engine.logging import MetricsLogger
@@ -105,7 +105,7 @@ class Actors:
             self.trainable = nn.ModuleDict({"policy": self.policy, "value": self.value_model})
         # every pass of the trainable models goes through this; run() replaces it with the
         # distributed handle under torchrun
-        self.wrapped = dist.wrapped(self.trainable)
+        self.wrapped = D.wrapped(self.trainable)
 
     # -- adapters (shared layout) -------------------------------------------------------
     def use(self, name: str) -> None:
@@ -213,7 +213,7 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
         batch = actors.run(lambda: RO.sample(
             actors.policy, tokenizer, [ids for _, ids in prompts], prompts=[t for t, _ in prompts],
             max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-            stop_ids=stop_ids, batch_size=ro.micro_batch_size, synced_gpus=dist.active()))
+            stop_ids=stop_ids, batch_size=ro.micro_batch_size, synced_gpus=D.active()))
     batch = batch.to(device)
     times["time_generate"] = time.perf_counter() - t0
     gen_tokens = int(batch.response_mask.sum())
@@ -234,7 +234,7 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
     if cfg.reward.normalization() == "stored":
         scores = rl.normalize_scores(scores, *reward_stats)
     elif cfg.reward.normalization() == "running":
-        moments.update(dist.gather_cat(raw))  # every rank's scores: the same statistics everywhere
+        moments.update(D.gather_cat(raw))  # every rank's scores: the same statistics everywhere
         scores = rl.normalize_scores(scores, moments.mean, moments.std)
     scores = rl.clip_scores(scores, cfg.reward.clip)
     scores = rl.penalize_no_eos(scores, batch.reached_eos, cfg.reward.no_eos_penalty)
@@ -242,13 +242,13 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
     rewards = rl.per_token_rewards(scores, kl, kl_coef, mask)
     advantages, returns = rl.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
     if cfg.ppo.whiten_advantages:  # under torchrun: with the mean and variance over all ranks
-        advantages = rl.masked_whiten(advantages, mask, sum_over_ranks=dist.sum_over_ranks if dist.active() else None)
+        advantages = rl.masked_whiten(advantages, mask, sum_over_ranks=D.sum_over_ranks if D.active() else None)
     exp = {"old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns, "mask": mask}
     metrics = {k: float(v) for k, v in rl.rollout_metrics(kl, mask, batch.reached_eos, scores).items()}
     metrics.update(**times, gen_tokens_per_s=gen_tokens / max(times["time_generate"], 1e-9),
                    response_len=metrics.pop("response_length"))
     metrics = mean_over_ranks(metrics)
-    every_raw = dist.gather_cat(raw)
+    every_raw = D.gather_cat(raw)
     metrics.update(reward_mean=float(every_raw.mean()), reward_std=float(every_raw.std(correction=0)))
     return exp, metrics, batch, raw
 
@@ -256,10 +256,10 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
 def mean_over_ranks(metrics: dict) -> dict:
     """Per-rank means averaged over the ranks (each rank holds the same number of prompts);
     in one process, the metrics themselves."""
-    if not dist.active():
+    if not D.active():
         return metrics
-    sums = dist.global_sums(list(metrics.values()))
-    return {k: v / dist.world_size() for k, v in zip(metrics, sums)}
+    sums = D.global_sums(list(metrics.values()))
+    return {k: v / D.world_size() for k, v in zip(metrics, sums)}
 
 
 # --------------------------------------------------------------------------- the run
@@ -281,14 +281,14 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.policy.device)
     seed_everything(cfg.train.seed)
-    with dist.main_first():  # rank 0 fills the model caches first
+    with D.main_first():  # rank 0 fills the model caches first
         tokenizer = M.load_tokenizer(cfg.policy)
         prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_len)
         reward_fn = RO.load_reward_function(cfg.reward.function) if cfg.reward.function else None
         actors = Actors(cfg, tokenizer, device)
     # torchrun: the policy and value model are sharded with FSDP2; the frozen reward model and
     # reference copy are replicated on every rank.
-    actors.wrapped = dist.wrap(actors.trainable, cfg.distributed, cfg.policy.precision, device)
+    actors.wrapped = D.wrap(actors.trainable, cfg.distributed, cfg.policy.precision, device)
     stop_ids = rollout_stop_ids(cfg, tokenizer, actors.policy)
     reward_stats = (M.load_reward_stats(cfg.reward.name_or_path) if cfg.reward.normalization() == "stored"
                     else (0.0, 1.0))
@@ -296,7 +296,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
     ptx = PtxSource(cfg, tokenizer, device) if cfg.ppo.ptx_coef else None
     R.write_config(cfg, out)
     t, p = cfg.train, cfg.ppo
-    world = dist.world_size()
+    world = D.world_size()
 
     def plan(epoch: int):  # batches of prompt indices (prompts_per_step per rank), a seeded shuffle per epoch
         g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
@@ -319,7 +319,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
     metrics: dict = {}
     while run.step < run.total:
         run.set_lr()
-        batch_prompts = [prompts[i] for i in dist.rank_slice(run.stream.next())]  # this rank's share
+        batch_prompts = [prompts[i] for i in D.rank_slice(run.stream.next())]  # this rank's share
         try:
             exp, metrics, batch, raw = make_experience(actors, tokenizer, batch_prompts, cfg, kl_ctl.value, moments,
                                                        reward_stats, reward_fn, stop_ids)
@@ -339,7 +339,7 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
                        **mean_over_ranks({"explained_variance": rl.explained_variance(
                            exp["values"], exp["returns"], exp["mask"])}))
         run.log(metrics, reward=metrics["reward_mean"], kl=metrics["kl"])
-        if dist.is_main():
+        if D.is_main():
             write_samples(out, run.logger, run.step, batch, raw, cfg.log.every)
         run.loop.update(kl_ctl=kl_ctl.state_dict(), moments=moments.state_dict())
         if ptx is not None:
@@ -418,7 +418,7 @@ def ppo_update(actors: Actors, run: R.TrainingRun, exp: dict, batch: RO.RolloutB
                 v_loss.backward()
             loss = (float(loss.detach()) if policy_on else 0.0) + float(v_loss.detach())
             norms = clip_groups(run.optimizer, cfg.train.max_grad_norm, actors.trainable)
-            run.optimizer_step(dist.global_sum(loss) / dist.world_size(), None)  # the mean over ranks
+            run.optimizer_step(D.global_sum(loss) / D.world_size(), None)  # the mean over ranks
             for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats,
                          "entropy": rl.masked_mean(entropy.detach(), e["mask"]), **norms}.items():
                 stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
@@ -438,7 +438,7 @@ def clip_groups(optimizer, max_norm: float | None, model) -> dict:
         params.sort(key=lambda q: order.get(id(q), len(order)))
         if params:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-            out[f"grad_norm_{name}"] = dist.plain_norm(norm)
+            out[f"grad_norm_{name}"] = D.plain_norm(norm)
     return out
 
 
@@ -462,7 +462,7 @@ class PtxSource:
     def loss(self, policy) -> torch.Tensor:
         from instructkit.engine.lm import lm_loss_sum, to_device
 
-        rows = self.stream.take(dist.world_size())[dist.rank()]  # each rank its own batch
+        rows = self.stream.take(D.world_size())[D.rank()]  # each rank its own batch
         batch = to_device(self.collate(self.examples, rows), self.device)
         total, n = lm_loss_sum(policy, batch, self.chunk_size)
         return total / max(n, 1)

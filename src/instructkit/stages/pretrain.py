@@ -15,7 +15,7 @@ import torch
 from instructkit import models as M
 from instructkit.config import ModelConfig, PretrainConfig, to_dict
 from instructkit.data.corpus import Corpus, build_corpus, train_tokenizer
-from instructkit.engine import distributed as dist
+from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import evaluate_lm, lm_loss, target_count, warn_if_unchunked
@@ -104,7 +104,7 @@ def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False)
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
     t, d, precision = cfg.train, cfg.data, cfg.model.precision
-    with dist.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse them
+    with D.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse them
         tokenizer = load_pretrain_tokenizer(cfg, out)
         corpus = build_corpus(d.train, tokenizer, d.cache_dir or out / "corpus", d.num_workers, d.split)
     train_starts, val_starts = corpus.split(d.seq_len, d.val_fraction)
@@ -115,7 +115,7 @@ def run(cfg: PretrainConfig, resume: bool = False, allow_new_data: bool = False)
         )
     model = build_model(cfg, tokenizer, device, seed=t.seed)
     warn_if_unchunked(model, t.loss_chunk_size)
-    wrapped = dist.wrap(model, cfg.distributed, precision, device)  # every pass goes through it
+    wrapped = D.wrap(model, cfg.distributed, precision, device)  # every pass goes through it
     optimizer = build_optimizer(model, t, device)
     R.write_config(cfg, out)
 

@@ -16,7 +16,7 @@ import torch
 from instructkit import data
 from instructkit import models as M
 from instructkit.config import RMConfig, to_dict
-from instructkit.engine import distributed as dist
+from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.fit import Stage, fit
 from instructkit.engine.lm import to_device
@@ -46,7 +46,7 @@ def group_sizes(batch: dict) -> list[int]:
     return torch.bincount(batch["group"]).tolist()
 
 
-def score_batch(wrapped: dist.Wrapped, batch: dict, device, precision: str) -> torch.Tensor:
+def score_batch(wrapped: D.Wrapped, batch: dict, device, precision: str) -> torch.Tensor:
     """Rewards [R] of a collated preference batch (rows: groups in order, best first)."""
     batch = to_device(batch, device)
     with autocast(precision, device):
@@ -58,14 +58,14 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.model.device)
     seed_everything(cfg.train.seed)
-    with dist.main_first():  # rank 0 fills the model caches first
+    with D.main_first():  # rank 0 fills the model caches first
         tokenizer = M.load_tokenizer(cfg.model)
         pref = data.build_preference_data(cfg.data, tokenizer, seed=cfg.train.seed)
         model = M.load_reward_model(cfg.model, cfg.adapter, tokenizer, device)
         M.check_context_length(model, cfg.data.max_seq_len, "data.max_seq_len", cfg.model.name_or_path)
         if cfg.rm.disable_dropout:
             M.disable_dropout(model)
-    wrapped = dist.wrap(model, cfg.distributed, cfg.model.precision, device)  # every pass goes through it
+    wrapped = D.wrap(model, cfg.distributed, cfg.model.precision, device)  # every pass goes through it
     optimizer = build_optimizer(model, cfg.train, device)
     R.write_config(cfg, out)
     t, precision, pad = cfg.train, cfg.model.precision, tokenizer.pad_token_id
@@ -88,8 +88,8 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
         return per_group.sum() + cfg.rm.center_coef * center * len(per_group), (b.detach(), w.detach())
 
     def step_metrics(parts: list) -> dict:  # accuracy and margins over every rank's pairs
-        rb = dist.gather_cat(torch.cat([b for b, _ in parts]))
-        rw = dist.gather_cat(torch.cat([w for _, w in parts]))
+        rb = D.gather_cat(torch.cat([b for b, _ in parts]))
+        rw = D.gather_cat(torch.cat([w for _, w in parts]))
         return {k: float(v) for k, v in reward_metrics(rb, rw).items()}
 
     @torch.no_grad()
@@ -125,7 +125,7 @@ def run(cfg: RMConfig, resume: bool = False, allow_new_data: bool = False) -> RM
 def reward_statistics(model, examples, pad_id: int, groups_per_batch: int, device, precision: str) -> tuple[float, float]:
     """Mean and std of the rewards of every response in ``examples`` (PPO normalises with them);
     ``model``: the stage's Wrapped, or a plain reward model."""
-    wrapped = dist.wrapped(model)
+    wrapped = D.wrapped(model)
     model = wrapped.module
     model.eval()
     scores = []
