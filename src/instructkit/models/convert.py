@@ -39,11 +39,14 @@ def gguf_cache_dir(gguf_path: str | Path) -> Path:
     return cache_root() / "gguf" / key
 
 
+_MARKER = "instructkit_source.json"  # written last: a folder without it is not a result
+
+
 def converted_gguf(gguf_path: str | Path) -> Path:
     """The plain Hugging Face folder for a .gguf file; converts it on first use."""
     src = Path(gguf_path).resolve()
     final = gguf_cache_dir(src)
-    if (final / "instructkit_source.json").exists():
+    if (final / _MARKER).exists():
         return final
     try:
         importlib.import_module("gguf")
@@ -51,59 +54,62 @@ def converted_gguf(gguf_path: str | Path) -> Path:
         raise UserError(
             f"loading {src.name} needs the gguf package (a dependency of instructkit): pip install gguf"
         ) from None
+    t0 = time.perf_counter()
+    log.info("converting %s to safetensors (once; cached in %s)", src, final)
+    plain, tok = _dequantized(src)
+    st = src.stat()
+    _fill_cache(final, {"gguf": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, plain, tok)
+    log.info("converted %s in %.1f s", src.name, time.perf_counter() - t0)
+    return final
+
+
+def _dequantized(src: Path):
+    """(a plain fp32 model, its tokenizer) from a GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.perf_counter()
-    log.info("converting %s to safetensors (once; cached in %s)", src, final)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot load GGUF file {src}: {e}") from None
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; copy the
+    # (de-quantized) weights into a plain model built from the same config.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = str(src)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise UserError(
+            f"converting {src}: weights do not match the architecture "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    plain.generation_config = quantized.generation_config
+    return plain, tok
+
+
+def _fill_cache(final: Path, record: dict, model, tokenizer) -> None:
+    """Save ``model`` and ``tokenizer`` in a temporary sibling of ``final`` and rename it into
+    place whole, with ``record`` (where it came from) as its marker. A folder another process
+    finished first is as good as ours; one without a marker (left incomplete by hand) is replaced."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if final.exists() and not (final / "instructkit_source.json").exists():
-        # left incomplete by hand; a conversion always renames a whole folder into place
+    if final.exists() and not (final / _MARKER).exists():
         shutil.rmtree(final, ignore_errors=True)
     try:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-            quantized = AutoModelForCausalLM.from_pretrained(
-                str(src.parent), gguf_file=src.name, dtype=torch.float32
-            )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"cannot load GGUF file {src}: {e}") from None
-        # transformers marks a GGUF-loaded model as quantized and refuses to save it; copy the
-        # (de-quantized) weights into a plain model built from the same config.
-        config = quantized.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config._name_or_path = str(src)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-        if unexpected or [k for k in missing if "rotary" not in k]:
-            raise UserError(
-                f"converting {src}: weights do not match the architecture "
-                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
-        plain.generation_config = quantized.generation_config
-        del quantized
-        tmp.mkdir(parents=True)
-        plain.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        st = src.stat()
-        (tmp / "instructkit_source.json").write_text(
-            json.dumps(
-                {"gguf": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=1
-            )
-        )
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _MARKER).write_text(json.dumps(record, indent=1))
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / "instructkit_source.json").exists():
+            if not (final / _MARKER).exists():
                 raise
-            # another process converted it first; theirs is as good as ours
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.1f s", src.name, time.perf_counter() - t0)
-    return final
 
 
 def adapter_cache_dir(adapter_dir: str | Path) -> Path:
@@ -119,28 +125,14 @@ def merged_adapter(adapter_dir: str | Path) -> Path:
     reward model, PPO) like any local model."""
     src = Path(adapter_dir).resolve()
     final = adapter_cache_dir(src)
-    if (final / "instructkit_source.json").exists():
+    if (final / _MARKER).exists():
         return final
     import torch
 
     from instructkit.models.save import load_for_inference
 
     model, tokenizer = load_for_inference(src, device="cpu", dtype=torch.float32)
-    plain = model.merge_and_unload()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        plain.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "instructkit_source.json").write_text(json.dumps({"adapter": str(src)}, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "instructkit_source.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _fill_cache(final, {"adapter": str(src)}, model.merge_and_unload(), tokenizer)
     return final
 
 
