@@ -51,20 +51,28 @@ class FitResult:
 
 
 def accumulate(wrapped: D.Wrapped, stage: Stage, specs: list) -> tuple[float, list]:
+    """Forward and backward over one optimizer step's micro-batches (this rank's share of
+    ``specs``): :func:`accumulate_batches` of the stage's collated batches."""
+    return accumulate_batches(wrapped, [stage.collate(spec) for spec in specs], stage.count, stage.loss)
+
+
+def accumulate_batches(wrapped: D.Wrapped, batches: list, count: Callable[[Any], int],
+                       loss_fn: Callable[[Any], tuple[torch.Tensor, Any]]) -> tuple[float, list]:
     """Forward and backward over one optimizer step's micro-batches (this rank's share).
 
     Each micro-batch's summed loss is divided by the count of the WHOLE step over all ranks, so
     micro-batch 2 x accumulation 2 gives the gradients of micro-batch 4 x accumulation 1 and long
     and short micro-batches weigh their items equally; and scaled by the world size, because FSDP
     and DDP average the ranks' gradients, so N ranks give the gradients of one process running
-    the whole step. Returns the step's mean loss over all ranks and every micro-batch's part."""
-    batches = [stage.collate(spec) for spec in specs]
-    n = D.global_sum(sum(stage.count(b) for b in batches))
+    the whole step. ``count(batch)``: what its loss is a sum over; ``loss_fn(batch)``: (the summed
+    loss with grad, a part for metrics). Returns the step's mean loss over all ranks and every
+    micro-batch's part. Every training loop (fit's stages, GRPO) steps through here."""
+    n = D.global_sum(sum(count(b) for b in batches))
     denom = max(n, 1) / D.world_size()
     loss_sum, parts = torch.zeros(()), []  # summed where the loss is: one sync per step
     for i, batch in enumerate(batches):
         with wrapped.grad_sync(i == len(batches) - 1):
-            loss, part = stage.loss(batch)
+            loss, part = loss_fn(batch)
             (loss / denom).backward()
         loss_sum = loss_sum.to(loss.device) + loss.detach().float()
         parts.append(part)
