@@ -14,14 +14,14 @@ from pathlib import Path
 from instructkit.errors import UserError
 from instructkit.redact import mask_text, redact
 
-STAGES = ("sft", "rm", "dpo", "ppo", "pretrain")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "pretrain")
 
 
 SCHEMAS = STAGES + ("eval", "pipeline")
 
 
 def _config_class(stage: str):
-    from instructkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
+    from instructkit.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig
 
     if stage == "eval":
         from instructkit.evaluate.config import EvalConfig
@@ -31,7 +31,7 @@ def _config_class(stage: str):
         from instructkit.config import PretrainConfig
 
         return PretrainConfig
-    return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}[stage]
+    return {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig}[stage]
 
 
 def _guess_stage(path: str) -> str:
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TORCHRUN_COMMANDS = ("sft", "rm", "dpo", "ppo", "pretrain")
+TORCHRUN_COMMANDS = ("sft", "rm", "dpo", "ppo", "grpo", "pretrain")
 
 
 def check_launch(command: str) -> None:

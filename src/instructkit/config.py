@@ -550,6 +550,143 @@ class PPOConfig:
         return out
 
 
+@dataclass
+class RewardTerm:
+    # "module:function" called as fn(prompts, responses, **fields) -> list[float]; ``fields``
+    # are the prompt records' other fields (a gsm8k "answer") that the function names.
+    function: str = ""
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments
+
+
+@dataclass
+class GroupRewardSection:
+    # A reward model folder (the final/ of `instructkit rm`) and / or reward functions; the
+    # score is model_weight * model score + the sum of weight * function score.
+    name_or_path: str | None = None
+    model_weight: float = 1.0
+    normalize: Literal["stored", "none"] = "stored"  # the reward model's train mean/std
+    function: str | None = None  # one function of weight 1 (shorthand for functions)
+    functions: list[RewardTerm] = field(default_factory=list)
+
+    def terms(self) -> list[RewardTerm]:
+        """The reward functions as they apply (``function`` is one term of weight 1)."""
+        return [RewardTerm(self.function)] if self.function else list(self.functions)
+
+
+@dataclass
+class GRPOSection:
+    group_size: int = 4  # G answers per prompt; the group is the baseline
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    std_eps: float = 1e-4  # grpo: (r - mean) / (std + eps)
+    gamma: float = 1.0  # reinforce_pp: the discount of its reward-to-go
+    epochs: int = 1  # passes over each rollout
+    mini_batch_size: int = 16  # answers per optimizer step (the last one of a step may be smaller)
+    clip: float = 0.2
+    clip_high: float | None = None  # DAPO's asymmetric upper clip; default: clip
+    loss_aggregation: Literal["token_mean", "seq_mean", "token_sum"] = "token_mean"
+    kl_coef: float = 0.0  # 0: no reference model at all
+    kl_mode: Literal["loss", "reward"] = "loss"
+    # loss: k3 (GRPO, TRL; the gradient of KL(ref || pi)) or k2 (the gradient of KL(pi || ref));
+    # reward: k1 (its expectation is the KL) or k3. Default: k3 in the loss, k1 in the reward.
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    # DAPO's dynamic sampling: groups whose answers all score the same are replaced by groups of
+    # new prompts, up to this many extra rollouts per step; any still left are kept out of the loss.
+    resample_rounds: int = 0
+
+    def estimator(self) -> str:
+        return self.kl_estimator or ("k3" if self.kl_mode == "loss" else "k1")
+
+
+@dataclass
+class GRPOConfig:
+    output_dir: str = "runs/grpo"
+    preset: str | None = None
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    reward: GroupRewardSection = field(default_factory=GroupRewardSection)
+    data: DataConfig = field(default_factory=DataConfig)  # the prompts (and fields for rewards)
+    rollout: RolloutSection = field(default_factory=lambda: RolloutSection(prompts_per_step=4))
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, max_grad_norm=1.0))
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    STAGE: typing.ClassVar[str] = "grpo"
+
+    def check(self, world_size: int = 1) -> None:
+        check_train(self.train, world_size)
+        check_distributed(self.distributed)
+        g, r = self.grpo, self.reward
+        if self.distributed.strategy == "ddp" or self.distributed.zero_stage == 0:
+            raise ConfigError("distributed.strategy=ddp does not fit GRPO: sampling runs many forwards of the policy "
+                              "before one backward; use distributed.strategy=fsdp (the default)")
+        if not self.data.train:
+            raise ConfigError("data.train is empty: set it to a file of prompts")
+        if r.function and r.functions:
+            raise ConfigError("set reward.function (one function) or reward.functions (a list), not both")
+        if not r.name_or_path and not r.terms():
+            raise ConfigError("no reward: set reward.name_or_path (a reward model), reward.function "
+                              "(module:function) or reward.functions")
+        if any(not t.function for t in r.terms()):
+            raise ConfigError("every reward.functions entry needs a function: module:function")
+        for key, value in (("rollout.prompts_per_step", self.rollout.prompts_per_step),
+                           ("rollout.micro_batch_size", self.rollout.micro_batch_size),
+                           ("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                           ("rollout.max_prompt_len", self.rollout.max_prompt_len),
+                           ("grpo.group_size", g.group_size), ("grpo.mini_batch_size", g.mini_batch_size),
+                           ("grpo.epochs", g.epochs)):
+            if value <= 0:
+                raise ConfigError(f"{key}={value} must be > 0")
+        if self.rollout.temperature <= 0:
+            raise ConfigError("rollout.temperature must be > 0 (GRPO samples a group of different answers)")
+        if g.group_size < 2 and g.advantage != "reinforce_pp":
+            raise ConfigError(f"grpo.group_size={g.group_size}: grpo.advantage={g.advantage} compares the answers "
+                              "to one prompt and needs at least 2 (reinforce_pp works with 1)")
+        if g.mini_batch_size > self.rollout.prompts_per_step * g.group_size:
+            raise ConfigError(f"grpo.mini_batch_size={g.mini_batch_size} is larger than the answers of a step "
+                              f"(rollout.prompts_per_step x grpo.group_size = "
+                              f"{self.rollout.prompts_per_step * g.group_size})")
+        if g.kl_coef < 0 or g.clip <= 0 or (g.clip_high is not None and g.clip_high <= 0) or g.std_eps <= 0:
+            raise ConfigError("grpo.kl_coef must be >= 0 and grpo.clip, grpo.clip_high, grpo.std_eps > 0")
+        if g.resample_rounds < 0:
+            raise ConfigError("grpo.resample_rounds must be >= 0")
+        if g.kl_coef and g.kl_mode == "loss" and g.estimator() == "k1":
+            raise ConfigError("grpo.kl_estimator=k1 with grpo.kl_mode=loss: the gradient of k1 is zero in "
+                              "expectation, so it pulls nothing towards the reference; use k3 (GRPO) or k2")
+        if g.kl_coef and g.kl_mode == "reward" and g.estimator() == "k2":
+            raise ConfigError("grpo.kl_estimator=k2 is a loss term (its gradient is that of the KL); in "
+                              "grpo.kl_mode=reward use k1 (or k3)")
+
+    def not_applicable(self) -> dict[str, str]:
+        g, r = self.grpo, self.reward
+        out = {**adapter_not_applicable(self.adapter), **log_not_applicable(self.log),
+               **train_not_applicable(self.train), **data_not_applicable(self.data)}
+        out.update(dict.fromkeys(("data.validation", "data.val_fraction", "data.val_max", "data.golden",
+                                  "data.packing", "data.group_by_length", "data.train_on_prompt",
+                                  "data.max_seq_len"),
+                                 "GRPO reads prompts only, with no validation pass; rollout.max_prompt_len cuts them"))
+        out.update(dict.fromkeys(("log.generation_freq", "log.generation_prompts", "log.generation_max_new_tokens"),
+                                 "GRPO writes its rollouts to samples.jsonl every step"))
+        out.update(dict.fromkeys(("train.micro_batch_size", "train.grad_accum", "train.global_batch_size"),
+                                 "GRPO's batches are rollout.prompts_per_step x grpo.group_size answers, "
+                                 "grpo.mini_batch_size per optimizer step and rollout.micro_batch_size per pass"))
+        out.update(dict.fromkeys(("train.eval_every", "train.eval_at_start", "train.eval_max_batches",
+                                  "train.early_stopping_patience", "train.loss_chunk_size"),
+                                 "GRPO has no validation pass and takes its log-probs from the full logits "
+                                 "(run `instructkit eval` on the result)"))
+        if not r.name_or_path:
+            out.update(dict.fromkeys(("reward.model_weight", "reward.normalize"),
+                                     "reward.name_or_path is not set (no reward model)"))
+        if not g.kl_coef:
+            out.update(dict.fromkeys(("grpo.kl_mode", "grpo.kl_estimator"), "grpo.kl_coef is 0 (no KL term)"))
+        if g.advantage != "grpo":
+            out["grpo.std_eps"] = f"only grpo.advantage=grpo divides by the group's std (it is {g.advantage})"
+        if g.advantage != "reinforce_pp":
+            out["grpo.gamma"] = f"only grpo.advantage=reinforce_pp discounts a reward-to-go (it is {g.advantage})"
+        return out
+
+
 def check_train(t: TrainConfig, world_size: int = 1) -> None:
     if (t.max_steps is None) == (t.epochs is None):
         raise ConfigError(

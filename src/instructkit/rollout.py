@@ -48,6 +48,7 @@ log = logging.getLogger("instructkit.rollout")
 __all__ = [
     "RolloutBatch",
     "build_batch",
+    "concat_batches",
     "forward_response_logprobs",
     "forward_response_values",
     "function_scores",
@@ -57,6 +58,7 @@ __all__ = [
     "response_slice",
     "response_values",
     "reward_model_scores",
+    "reward_fields",
     "sample",
     "score_responses",
     "token_values",
@@ -130,6 +132,29 @@ class RolloutBatch:
             if torch.is_tensor(v):
                 values[k] = v.to(device)
         return RolloutBatch(**values)
+
+
+def concat_batches(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """The rows of ``batches`` in order as one batch: prompts left-padded and responses
+    right-padded to the widest (masks 0 and ``pad_id`` in the new columns), positions counted
+    again from the masks, so every row's real tokens and positions are what they were."""
+    P = max(b.prompt_len for b in batches)
+    T = max(b.response_len for b in batches)
+
+    def cat(name: str, width: int, left: bool, value: int) -> torch.Tensor:
+        xs = [getattr(b, name) for b in batches]
+        return torch.cat([torch.nn.functional.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]),
+                                                  value=value) for x in xs])
+
+    p_ids, p_mask = cat("prompt_ids", P, True, pad_id), cat("prompt_mask", P, True, 0)
+    r_ids, r_mask = cat("response_ids", T, False, pad_id), cat("response_mask", T, False, 0)
+    full_mask = torch.cat([p_mask, r_mask], dim=1)
+    return RolloutBatch(
+        prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, response_mask=r_mask,
+        reached_eos=torch.cat([b.reached_eos for b in batches]), full_ids=torch.cat([p_ids, r_ids], dim=1),
+        full_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
+        prompts=[p for b in batches for p in b.prompts], responses=[r for b in batches for r in b.responses],
+    )
 
 
 def response_mask_from_ids(
@@ -441,15 +466,17 @@ def reward_model_scores(
     return torch.cat(parts)
 
 
-def function_scores(fn: Callable, batch: RolloutBatch) -> torch.Tensor:
-    """Scores from a Python reward function ``fn(prompts, responses) -> list[float]`` called
-    once with the batch's texts. Returns [B] fp32 on the batch's device. A wrong length or a
-    non-finite / non-numeric value is a UserError naming the function."""
-    name = getattr(fn, "__qualname__", None) or repr(fn)
+def function_scores(fn: Callable, batch: RolloutBatch, fields: dict[str, list] | None = None) -> torch.Tensor:
+    """Scores from a Python reward function ``fn(prompts, responses, **fields) -> list[float]``
+    called once with the batch's texts (and ``fields``: name -> one value per response).
+    Returns [B] fp32 on the batch's device. A wrong length or a non-finite / non-numeric value
+    is a UserError naming the function."""
+    name = getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", None) or repr(fn)
+    fields = fields or {}
     try:
-        out = fn(list(batch.prompts), list(batch.responses))
+        out = fn(list(batch.prompts), list(batch.responses), **fields)
     except Exception as e:  # the user's code: say where and on what, not a traceback
-        raise UserError(_reward_failure(fn, name, e, list(batch.prompts), list(batch.responses))) from None
+        raise UserError(_reward_failure(fn, name, e, list(batch.prompts), list(batch.responses), fields)) from None
     try:
         values = [float(v) for v in out]
     except (TypeError, ValueError) as e:
@@ -464,17 +491,45 @@ def function_scores(fn: Callable, batch: RolloutBatch) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=batch.prompt_ids.device)
 
 
-def _reward_failure(fn: Callable, name: str, e: Exception, prompts: list[str], responses: list[str]) -> str:
+def _reward_failure(fn: Callable, name: str, e: Exception, prompts: list[str], responses: list[str],
+                    fields: dict[str, list]) -> str:
     """What a raising reward function failed on: the first response that fails alone (the
     function is called again one response at a time to find it), and where in its code."""
     frame = traceback.extract_tb(e.__traceback__)[-1]
     what = f"reward function {name} raised {type(e).__name__}: {e} (at {Path(frame.filename).name}:{frame.lineno})"
     for i, (p, r) in enumerate(zip(prompts, responses)):
         try:
-            fn([p], [r])
+            fn([p], [r], **{k: v[i:i + 1] for k, v in fields.items()})
         except Exception:  # noqa: BLE001 - looking for the input it fails on
             return f"{what} on response {i} of the batch; prompt: {snippet(p, 120)}; response: {snippet(r, 120)}"
     return f"{what} on the batch of {len(responses)} responses (each alone scores without error)"
+
+
+def reward_fields(fn: Callable, spec: str, available: set[str], fixed: dict) -> list[str]:
+    """The record fields to pass to reward function ``fn`` (named ``spec`` in messages): its
+    parameters after (prompts, responses) that the prompt records have, or all of them for a
+    ``**kwargs`` function; ``fixed`` are the keyword settings the config gives. A parameter
+    without a default that neither provides is a UserError, before any sampling."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):  # a builtin or C callable: pass no fields
+        return []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(fixed) - set(names)) if not any(p.kind == p.VAR_KEYWORD for p in params) else []
+    if unknown:
+        raise UserError(f"reward function {spec}: kwargs {unknown} are not parameters of it (it takes {names})")
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return sorted(available - set(fixed))
+    missing = [p.name for p in params if p.default is p.empty and p.kind != p.VAR_POSITIONAL
+               and p.name not in available and p.name not in fixed]
+    if missing:
+        have = ", ".join(sorted(available)) or "none: only a prompts-format file (a prompt field and others) has them"
+        raise UserError(f"reward function {spec} needs {missing} for each prompt, which the prompt records do not "
+                        f"have (their other fields: {have}); add the field to data.train, map it with "
+                        "data.fields, or give a value in reward.functions[].kwargs")
+    return [n for n in names if n in available and n not in fixed]
 
 
 def score_responses(reward_fn, batch: RolloutBatch, micro_batch_size: int = 8) -> torch.Tensor:

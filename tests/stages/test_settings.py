@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instructkit.config import DPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig, load_config
+from instructkit.config import DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig, load_config
 from instructkit.errors import ConfigError
-from instructkit.stages import dpo, ppo, pretrain, rm, sft
+from instructkit.stages import dpo, grpo, ppo, pretrain, rm, sft
 
 sys.path.insert(0, str(Path(__file__).parent))
 from settings_trace import Reads, leaves, trace  # noqa: E402
@@ -58,6 +58,15 @@ STAGES = {
         [*TINY, *EPOCHS, *WANDB, "ppo.value_name_or_path=tiny-llama", "rollout.prompts_per_step=4",
          "ppo.mini_batch_size=2", "rollout.stop_strings=['<|im_end|>']"],
         [*LORA, "train.max_steps=1", "rollout.stop_token_ids=[2]", "rollout.prompts_per_step=4", "ppo.mini_batch_size=2"],
+    ]),
+    "grpo": (GRPOConfig, grpo, "configs/tiny/grpo.yaml", [
+        [*LORA, "train.max_steps=3", "train.warmup_steps=1", "train.min_lr=1e-5", "train.save_every=2",
+         "train.keep_last=1", "grpo.kl_coef=0.1", "grpo.kl_mode=loss", "grpo.kl_estimator=k2", "grpo.clip_high=0.3",
+         "grpo.loss_aggregation=seq_mean", "grpo.resample_rounds=1", "grpo.epochs=2", "grpo.mini_batch_size=8",
+         "grpo.std_eps=1e-3", "rollout.stop_strings=['<|im_end|>']", "reward.function=null",
+         "reward.functions=[{function: 'instructkit.rewards:brevity', weight: 0.5, kwargs: {target_words: 3}}]"],
+        [*TINY, *EPOCHS, *WANDB, "grpo.advantage=reinforce_pp", "grpo.gamma=0.9", "grpo.kl_coef=0.05",
+         "grpo.kl_mode=reward", "rollout.stop_token_ids=[2]"],
     ]),
     "pretrain": (PretrainConfig, pretrain, "configs/pretrain_tiny.yaml", [
         [*COMMON, "train.max_steps=3"],
@@ -124,6 +133,9 @@ def other_value(cls, key: str, cfg):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is typing.Literal:
         return next(a for a in args if a != value)
+    choices = [c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
+    if choices:  # an optional choice: Literal[...] | None
+        return next(c for c in choices if c != value)
     if isinstance(value, bool):
         return not value
     if isinstance(value, float):

@@ -148,16 +148,18 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: Aggregation,
               max_len: int | None = None) -> tuple[torch.Tensor, int]:
     """``(loss summed over this batch, what it is a sum over)`` for a per-token loss [B, T]:
     ``token_mean`` -> (sum of token losses, real tokens); ``seq_mean`` -> (sum over answers of
-    their token mean, answers); ``token_sum`` -> (sum of token losses / max_len, answers).
-    Dividing the sum by the count (over all micro-batches and ranks) gives the loss."""
+    their token mean, answers); ``token_sum`` -> (sum of token losses / max_len, answers). An
+    answer whose mask is all 0 (kept out of the loss) is not counted. Dividing the sum by the
+    count (over all micro-batches and ranks) gives the loss."""
     m = mask.to(torch.float32)
     x = per_token.float() * m
+    answers = int((m.sum(1) > 0).sum())
     if mode == "token_mean":
         return x.sum(), int(m.sum())
     if mode == "seq_mean":
-        return (x.sum(1) / m.sum(1).clamp(min=1)).sum(), per_token.shape[0]
+        return (x.sum(1) / m.sum(1).clamp(min=1)).sum(), answers
     if mode == "token_sum":
         if not max_len:
             raise ValueError("token_sum needs max_len (the constant each answer's sum is divided by)")
-        return x.sum() / max_len, per_token.shape[0]
+        return x.sum() / max_len, answers
     raise ValueError(f"unknown aggregation {mode!r}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,13 +36,16 @@ from instructkit.data.prompts import load_prompts
 from instructkit.engine import distributed as D
 from instructkit.engine import run as R
 from instructkit.engine.batches import BatchStream
-from instructkit.engine.logging import MetricsLogger
 from instructkit.engine.optim import build_optimizer, total_steps
 from instructkit.engine.runtime import autocast, peak_memory_gb, seed_everything
 from instructkit.errors import UserError
 from instructkit.losses import rl
 from instructkit.models import resolve_device
 from instructkit.redact import redact
+from instructkit.stages.rl_common import (
+    check_same_vocab, check_start_exists, frozen_copy, load_frozen_reward, mean_over_ranks, reference_of,
+    rollout_stop_ids, write_samples,
+)
 
 
 @dataclass
@@ -117,14 +119,9 @@ class Actors:
             if "lora_" in n:
                 p.requires_grad_(n in self.lora_trainable)
 
-    @contextlib.contextmanager
     def reference(self):
         """The frozen reference: the base with adapters off, or the frozen copy."""
-        if self.shared:
-            with self.policy.disable_adapter():
-                yield self.policy
-        else:
-            yield self.ref_copy
+        return reference_of(self.policy, None if self.shared else self.ref_copy)
 
     @contextlib.contextmanager
     def value_adapter(self):
@@ -159,27 +156,6 @@ class Actors:
         for m in (self.ref_copy, self.reward_model):
             if m is not None:
                 m.to(device)
-
-
-def load_frozen_reward(cfg: PPOConfig, device):
-    model_cfg = replace(cfg.policy, name_or_path=cfg.reward.name_or_path, tokenizer=None,
-                        gradient_checkpointing=False, compile=False, freeze_layers=0)
-    tok = M.load_tokenizer(model_cfg)
-    model = M.load_reward_model(model_cfg, AdapterConfig(kind="none"), tok, device)
-    return model.eval().requires_grad_(False)
-
-
-def frozen_copy(cfg: PPOConfig, tokenizer, device):
-    model_cfg = replace(cfg.policy, gradient_checkpointing=False, compile=False, freeze_layers=0)
-    return M.load_model(model_cfg, AdapterConfig(kind="none"), tokenizer, device).eval().requires_grad_(False)
-
-
-def check_same_vocab(reward_model, policy, path: str) -> None:
-    a = reward_model.get_input_embeddings().weight.shape[0]
-    b = policy.get_input_embeddings().weight.shape[0]
-    if a != b:
-        raise UserError(f"reward.name_or_path={path}: its vocabulary ({a}) differs from the policy's ({b}); "
-                        "train the reward model from the same base as the policy")
 
 
 def value_head_like(policy, reward_model) -> nn.Linear:
@@ -253,30 +229,13 @@ def make_experience(actors: Actors, tokenizer, prompts, cfg: PPOConfig, kl_coef:
     return exp, metrics, batch, raw
 
 
-def mean_over_ranks(metrics: dict) -> dict:
-    """Per-rank means averaged over the ranks (each rank holds the same number of prompts);
-    in one process, the metrics themselves."""
-    if not D.active():
-        return metrics
-    sums = D.global_sums(list(metrics.values()))
-    return {k: v / D.world_size() for k, v in zip(metrics, sums)}
-
-
 # --------------------------------------------------------------------------- the run
 
 
-def check_start_exists(cfg: PPOConfig) -> None:
-    """PPO starts from an earlier result (an SFT model): say which stage writes a missing one."""
-    value = cfg.ppo.value_name_or_path if cfg.adapter.kind == "none" else None  # (LoRA: an adapter)
-    for key, name in (("policy.name_or_path", cfg.policy.name_or_path), ("ppo.value_name_or_path", value)):
-        if name and Path(name).name == "final" and not Path(name).exists():
-            raise UserError(f"{key}={name!r}: no such folder. It names the result of an earlier run; run that "
-                            "stage first (configs/tiny/ppo.yaml starts from `instructkit sft "
-                            "configs/tiny/sft_full.yaml`), or point it at a model")
-
-
 def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> PPOResult:
-    check_start_exists(cfg)
+    value = cfg.ppo.value_name_or_path if cfg.adapter.kind == "none" else None  # (LoRA: an adapter)
+    check_start_exists({"policy.name_or_path": cfg.policy.name_or_path, "ppo.value_name_or_path": value},
+                       "configs/tiny/ppo.yaml")
     out = Path(cfg.output_dir)
     R.prepare_output_dir(out, resume)
     device = resolve_device(cfg.policy.device)
@@ -350,19 +309,6 @@ def run(cfg: PPOConfig, resume: bool = False, allow_new_data: bool = False) -> P
     final = R.publish_final(out, actors.wrapped, lambda full: save_ppo_final(actors, tokenizer, cfg, out / "final"))
     R.release_output_dir(out)
     return PPOResult(out, final, run.step, metrics, actors)
-
-
-def rollout_stop_ids(cfg: PPOConfig, tokenizer, policy) -> list[int]:
-    """The tokens that end a response (:func:`instructkit.generate.stop_token_ids`), or
-    ``rollout.stop_token_ids`` / ``rollout.stop_strings`` when set; a bad one is a UserError."""
-    from instructkit.generate import stop_token_ids
-
-    ro = cfg.rollout
-    override = list(ro.stop_token_ids or []) + list(ro.stop_strings or [])
-    try:
-        return stop_token_ids(tokenizer, policy, cfg.data.template, override or None)
-    except ValueError as e:
-        raise UserError(f"rollout.stop_token_ids / rollout.stop_strings: {e}") from None
 
 
 def build_ppo_optimizer(actors: Actors, cfg: PPOConfig, device):
@@ -466,16 +412,6 @@ class PtxSource:
         batch = to_device(self.collate(self.examples, rows), self.device)
         total, n = lm_loss_sum(policy, batch, self.chunk_size)
         return total / max(n, 1)
-
-
-def write_samples(out: Path, logger: MetricsLogger, step: int, batch: RO.RolloutBatch, raw, every: int, k: int = 4):
-    rows = [{"step": step, "prompt": p, "response": r, "reward": float(s)}
-            for p, r, s in list(zip(batch.prompts, batch.responses, raw.tolist()))[:k]]
-    with open(out / "samples.jsonl", "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    if R.due(step, every):
-        logger.text(step, "samples", "\n\n".join(f"**{r['prompt']}**\n\n{r['response']}\n\n(reward {r['reward']:.3f})"
-                                                 for r in rows))
 
 
 def save_ppo_final(actors: Actors, tokenizer, cfg: PPOConfig, final: Path) -> Path:
