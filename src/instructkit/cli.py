@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, seed=0)
     p.add_argument("--batch-size", type=int, default=8)
 
-    p = _command(sub, "pipeline", cmd_pipeline, help="the whole recipe: SFT -> RM -> PPO/DPO -> eval -> merge -> package")
+    p = _command(sub, "pipeline", cmd_pipeline, help="the whole recipe: SFT -> RM -> PPO/DPO/GRPO -> eval -> merge -> package")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/demo")
     p.add_argument("--allow-new-data", action="store_true",

@@ -1,5 +1,5 @@
-"""The whole recipe with one command: pretrain? -> SFT -> reward model -> PPO and/or DPO ->
-eval -> merge -> package, one subfolder per stage, each stage's output feeding the next.
+"""The whole recipe with one command: pretrain? -> SFT -> reward model -> PPO, DPO and/or
+GRPO -> eval -> merge -> package, one subfolder per stage, each stage's output feeding the next.
 
     instructkit pipeline configs/pipeline_smollm2.yaml output_dir=runs/demo
 
@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from instructkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, save_config
+from instructkit.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, save_config
 from instructkit.errors import ConfigError
 
-StageName = Literal["pretrain", "sft", "rm", "ppo", "dpo", "eval", "merge", "package"]
-ORDER = ["pretrain", "sft", "rm", "ppo", "dpo", "eval", "merge", "package"]
+StageName = Literal["pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval", "merge", "package"]
+ORDER = ["pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval", "merge", "package"]
+TRAINED = ("sft", "rm", "ppo", "dpo", "grpo")  # the stage sections with a schema of their own
 
 
 def _pretrain_config():
@@ -46,6 +47,7 @@ class PipelineConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: Any = None  # EvalConfig
     merge_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
@@ -84,8 +86,8 @@ def load_pipeline_config(path, overrides=()) -> PipelineConfig:
             cls = type(factory())
             raw = {"model": "", **raw} if name == "eval" else raw
             sections[name] = schema.from_dict(cls, raw, f"{name}.", source, lines)
-    given.update({name: data[name] for name in ("sft", "rm", "ppo", "dpo") if isinstance(data.get(name), dict)})
-    for name in ("sft", "rm", "ppo", "dpo"):  # a stage section may name a preset too
+    given.update({name: data[name] for name in TRAINED if isinstance(data.get(name), dict)})
+    for name in TRAINED:  # a stage section may name a preset too
         raw = data.get(name)
         if isinstance(raw, dict) and raw.get("preset") is not None:
             adapter = raw.get("adapter") if isinstance(raw.get("adapter"), dict) else {}
@@ -137,6 +139,11 @@ def chain(cfg: PipelineConfig) -> None:
     cfg.dpo.output_dir = out("dpo")
     if "sft" in cfg.stages:
         cfg.dpo.model.name_or_path = sft_model
+    cfg.grpo.output_dir = out("grpo")
+    if "sft" in cfg.stages:
+        cfg.grpo.policy.name_or_path = sft_model
+    if "rm" in cfg.stages:  # the reward model's score, plus any reward.functions the section sets
+        cfg.grpo.reward.name_or_path = final("rm")
     if cfg.eval is not None:
         cfg.eval.output_dir = out("eval")
         cfg.eval.model = policy_result(cfg)
@@ -145,8 +152,8 @@ def chain(cfg: PipelineConfig) -> None:
 
 
 def policy_result(cfg: PipelineConfig) -> str:
-    """The last trained policy: PPO's, else DPO's, else SFT's."""
-    for name in ("ppo", "dpo", "sft", "pretrain"):
+    """The policy that eval, merge and package take: PPO's, else GRPO's, else DPO's, else SFT's."""
+    for name in ("ppo", "grpo", "dpo", "sft", "pretrain"):
         if name in cfg.stages:
             return str(stage_dir(cfg, name) / "final")
     return cfg.sft.model.name_or_path

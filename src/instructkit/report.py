@@ -34,7 +34,7 @@ HTML_FILE = "report.html"
 MD_FILE = "report.md"
 
 # Stages in pipeline order; other folders follow alphabetically.
-STAGE_ORDER = ["pretrain", "sft", "rm", "dpo", "ppo"]
+STAGE_ORDER = ["pretrain", "sft", "rm", "dpo", "ppo", "grpo"]
 
 # (panel title, [(key, label)]) — a panel is drawn when at least one of its keys has data.
 PANELS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -45,14 +45,15 @@ PANELS: list[tuple[str, list[tuple[str, str]]]] = [
     ("response length", [("response_len", "tokens")]),
     ("accuracy", [("accuracy", "train"), ("eval_accuracy", "eval")]),
     ("margin", [("margin", "train"), ("eval_margin", "eval")]),
-    ("PPO losses", [("policy_loss", "policy"), ("value_loss", "value")]),
+    ("RL losses", [("policy_loss", "policy"), ("value_loss", "value")]),
+    ("groups without signal (GRPO)", [("equal_group_share", "share")]),
 ]
 
 # Keys of the last train record shown in the final-metrics table, in this order.
 TRAIN_KEYS = [
     "loss", "lr", "grad_norm", "accuracy", "margin", "chosen_reward", "rejected_reward",
     "reward_mean", "reward_std", "score_mean", "kl", "kl_coef", "entropy", "policy_loss",
-    "value_loss", "clipfrac", "approx_kl", "explained_variance", "response_len", "no_eos_share",
+    "value_loss", "clipfrac", "approx_kl", "explained_variance", "equal_group_share", "response_len", "no_eos_share",
     "tokens_per_s", "gen_tokens_per_s", "peak_mem_gb", "epoch", "skipped_steps",
 ]
 
@@ -286,14 +287,20 @@ def sample_view(samples: list[dict]) -> SampleView:
 # plots
 
 
-def plot_stage(stage: StageFolder) -> bytes | None:
-    """One PNG with a subplot per panel that has data; None when nothing can be plotted."""
+def stage_panels(stage: StageFolder) -> list[tuple[str, list]]:
+    """The panels of :data:`PANELS` that have data: (title, [(label, steps, values)])."""
     panels = []
     for title, keys in PANELS:
         lines = [(label, *stage.series(k)) for k, label in keys]
         lines = [(label, xs, ys) for label, xs, ys in lines if ys]
         if lines:
             panels.append((title, lines))
+    return panels
+
+
+def plot_stage(stage: StageFolder) -> bytes | None:
+    """One PNG with a subplot per panel that has data; None when nothing can be plotted."""
+    panels = stage_panels(stage)
     if not panels:
         return None
     import matplotlib

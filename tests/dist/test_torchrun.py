@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from instructkit.config import DPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig, load_config
+from instructkit.config import DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RMConfig, SFTConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = ["log.tensorboard=false", "log.progress=false"]
 SFT_FULL = ["train.max_steps=4", "train.micro_batch_size=2", "train.save_every=2", "train.eval_every=2", *QUIET]
 
 
-def torchrun(nproc: int, command: str, config: str, *overrides: str) -> None:
+def torchrun(nproc: int, command: str, config: str, *overrides: str, env: dict | None = None) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "instructkit", command, config, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-3000:]}\n{r.stderr[-8000:]}"
 
@@ -198,3 +198,51 @@ def test_ppo_on_two_ranks_samples_everywhere_and_resumes_on_one(tmp_path):
     assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2, 3, 4]
     assert [r["world_size"] for r in rows if r.get("event") == "start"] == [2, 1]
     assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+# Rank 0 scores by answer length (groups with signal), rank 1 scores 0 (every group all-equal):
+# rank 1 asks for new rollouts each step and rank 0 must take part in each, or the run hangs.
+RANK_REWARD = """
+import json, os
+
+def score(prompts, responses):
+    rank = int(os.environ.get("RANK", "0"))
+    with open(os.path.join(os.environ["REWARD_LOG"], f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps(prompts) + "\\n")
+    return [float(len(r) % 2) if rank == 0 else 0.0 for r in responses]
+"""
+
+
+def test_grpo_on_two_ranks_keeps_groups_whole_and_resamples_in_step(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    (tmp_path / "rank_reward.py").write_text(RANK_REWARD)
+    log = tmp_path / "calls"
+    log.mkdir()
+    common = ["train.max_steps=2", "train.save_every=1", "rollout.prompts_per_step=2", "rollout.micro_batch_size=8",
+              "grpo.group_size=4", "grpo.mini_batch_size=8", "grpo.resample_rounds=2", "reward.function=rank_reward:score",
+              "policy.name_or_path=tiny-llama", "adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", *QUIET]
+    run = tmp_path / "two"
+    torchrun(2, "grpo", "configs/tiny/grpo.yaml", f"output_dir={run}", *common,
+             env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "REWARD_LOG": str(log)})
+    calls = {r: [json.loads(line) for line in (log / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    # Each step: the rollout plus 2 extra rounds (rank 1 never has signal), on both ranks alike.
+    assert len(calls[0]) == len(calls[1]) == 2 * 3
+    for prompts in calls[0] + calls[1]:  # a group's 4 answers are scored together, on one rank
+        assert len(prompts) == 8 and all(len(set(prompts[i:i + 4])) == 1 for i in (0, 4))
+    for i in (0, 3):  # the first rollout of each step: the two ranks drew different prompts
+        assert not set(calls[0][i]) & set(calls[1][i])
+    steps = [r for r in records(run) if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["resample_rounds"] == 2 for r in steps)
+    adapter = load_file(run / "final" / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    # The 2-rank checkpoint of step 1 continues in one process (4 prompts per step = 2 x 2).
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("REWARD_LOG", str(log))
+    one_process("grpo", GRPOConfig, "configs/tiny/grpo.yaml", f"output_dir={run}", *common,
+                "rollout.prompts_per_step=4", resume=True)
+    rows = records(run)
+    assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]
+    assert [r["world_size"] for r in rows if r.get("event") == "start"] == [2, 1]

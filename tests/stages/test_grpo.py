@@ -112,6 +112,19 @@ def test_a_large_kl_coefficient_keeps_the_policy_at_the_reference(shipped, tmp_p
     assert kl_held < 0.5 * kl_free, ([round(r["kl"], 4) for r in held], [round(r["kl"], 4) for r in free])
 
 
+def test_the_report_draws_ppos_curves_and_the_groups_without_signal(shipped, tmp_path):
+    from instructkit.report import find_stages, stage_panels, write_report
+
+    root, _, _ = shipped
+    cfg = grpo_cfg(root, tmp_path, "train.max_steps=2", "grpo.kl_coef=0.1")
+    grpo.run(cfg)
+    (stage,) = find_stages(Path(cfg.output_dir))
+    titles = [title for title, _ in stage_panels(stage)]
+    assert titles == ["learning rate", "reward", "KL", "response length", "RL losses", "groups without signal (GRPO)"]
+    html, _ = write_report(Path(cfg.output_dir))
+    assert "equal_group_share" in html.read_text() and "reward" in html.read_text()
+
+
 @pytest.mark.parametrize("advantage,extra", [("rloo", []), ("dr_grpo", ["grpo.loss_aggregation=token_sum"]),
                                              ("reinforce_pp", ["grpo.kl_coef=0.05", "grpo.kl_mode=reward"])])
 def test_each_advantage_estimator_raises_the_reward(shipped, tmp_path, advantage, extra):

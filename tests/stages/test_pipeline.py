@@ -20,13 +20,13 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, monkeypatch, capsys
     # chaining: SFT feeds RM, PPO (policy and reference) and DPO; RM feeds PPO's reward and value
     sft_final = str(tmp_path / "run" / "sft" / "final")
     assert cfg.rm.model.name_or_path == sft_final and cfg.ppo.policy.name_or_path == sft_final
-    assert cfg.dpo.model.name_or_path == sft_final
-    assert cfg.ppo.reward.name_or_path == str(tmp_path / "run" / "rm" / "final")
+    assert cfg.dpo.model.name_or_path == sft_final and cfg.grpo.policy.name_or_path == sft_final
+    assert cfg.ppo.reward.name_or_path == cfg.grpo.reward.name_or_path == str(tmp_path / "run" / "rm" / "final")
     assert cfg.eval.model == str(tmp_path / "run" / "ppo" / "final")
     done = P.run(cfg)
-    assert set(done.values()) == {"ran"} and list(done) == ["sft", "rm", "ppo", "dpo", "eval", "merge", "package"]
+    assert set(done.values()) == {"ran"} and list(done) == ["sft", "rm", "ppo", "dpo", "grpo", "eval", "merge", "package"]
     out = tmp_path / "run"
-    for name in ("sft", "rm", "ppo", "dpo"):
+    for name in ("sft", "rm", "ppo", "dpo", "grpo"):
         assert (out / name / "final").is_dir() and (out / name / "metrics.jsonl").is_file()
     results = json.loads((out / "eval" / "eval.json").read_text())
     assert "perplexity" in results["results"]

@@ -127,6 +127,8 @@ def last_metrics(path: Path) -> dict:
 def _stage_of(config: dict | None) -> str | None:
     if not isinstance(config, dict):
         return None
+    if "grpo" in config:
+        return "grpo"
     if "ppo" in config or "policy" in config:
         return "ppo"
     if "dpo" in config:
@@ -143,6 +145,7 @@ _STAGE_NAMES = {
     "rm": "reward model training on ranked comparisons",
     "dpo": "direct preference optimization (DPO)",
     "ppo": "PPO against a reward model (RLHF)",
+    "grpo": "critic-free RL with group baselines (GRPO / RLOO / REINFORCE++)",
 }
 _ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (4-bit NF4 base)"}
 

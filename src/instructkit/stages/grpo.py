@@ -202,7 +202,7 @@ def make_experience(roles: Roles, rewarder: Rewarder, tokenizer, rows: list, dra
     exp.update({k: v for k, v in (("old_logp", old_logp), ("ref_logp", ref_logp)) if v is not None})
     gen_tokens = float(mask.sum())
     metrics = mean_over_ranks({"response_len": gen_tokens / len(batch),
-                               "reached_eos": float(batch.reached_eos.float().mean()),
+                               "no_eos_share": 1.0 - float(batch.reached_eos.float().mean()),
                                "equal_group_share": float(equal.float().mean()),
                                "gen_tokens_per_s": gen_tokens / max(time_generate, 1e-9),
                                "time_generate": time_generate})
